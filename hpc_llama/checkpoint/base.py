@@ -1,0 +1,96 @@
+"""What every checkpoint reader offers, whatever the format on disk."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import HpcLlamaError
+from ..model import ModelConfig
+from .tensors import DTYPES, TORCH_NAMES, TensorInfo, empty_for
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def unit_of(name: str):
+    """The piece of the model a tensor belongs to: "embed", a layer number, or "head"."""
+    m = _LAYER.match(name)
+    if m:
+        return int(m.group(1))
+    if name.startswith("tok_embeddings."):
+        return "embed"
+    if name.startswith(("norm.", "output.")):
+        return "head"
+    raise HpcLlamaError(f"tensor {name!r} belongs to no part of a Llama model")
+
+
+def group_by_unit(names: list[str]) -> list[list[str]]:
+    """Consecutive names (in model order) grouped by the unit they belong to."""
+    groups: list[list[str]] = []
+    for n in names:
+        if not groups or unit_of(groups[-1][0]) != unit_of(n):
+            groups.append([])
+        groups[-1].append(n)
+    return groups
+
+
+def unit_order(name: str) -> tuple:
+    """Sort key that puts tensors in model order: embedding, layers 0..N-1, head."""
+    unit = unit_of(name)
+    if unit == "embed":
+        return (0, 0, name)
+    if unit == "head":
+        return (2, 0, name)
+    return (1, unit, name)
+
+
+class CheckpointReader:
+    """A checkpoint opened for reading; tensors are read one at a time, on demand."""
+
+    path: str
+    hf_config: dict
+    config: ModelConfig
+    format: str
+
+    def names(self) -> list[str]:
+        """Our names of every tensor stored, in model order."""
+        raise NotImplementedError
+
+    def info(self, name: str) -> TensorInfo:
+        raise NotImplementedError
+
+    def read_into(self, name: str, out: torch.Tensor, verify: bool = True) -> None:
+        """Fill a contiguous CPU tensor of the stored dtype and shape; checksums are verified where stored."""
+        raise NotImplementedError
+
+    def assets(self) -> dict[str, bytes]:
+        """Small files carried with the model (tokenizer.json, ...)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def _check_out(self, name: str, out: torch.Tensor) -> TensorInfo:
+        info = self.info(name)
+        if tuple(out.shape) != info.shape or out.dtype != DTYPES[info.dtype][1]:
+            raise HpcLlamaError(f"tensor {name}: stored {info.dtype}{list(info.shape)}, "
+                                f"asked for {TORCH_NAMES.get(out.dtype, out.dtype)}{list(out.shape)}")
+        return info
+
+    def read(self, name: str, verify: bool = True) -> torch.Tensor:
+        out = empty_for(self.info(name))
+        self.read_into(name, out, verify)
+        return out
+
+    def asset(self, filename: str) -> bytes | None:
+        return self.assets().get(filename)
+
+    def has(self, name: str) -> bool:
+        return name in set(self.names())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,249 @@
+"""The hpc_llama HDF5 checkpoint: one file, or a directory of shards plus an index.
+
+The layout is specified in docs/checkpoint.md. Tensors are keyed by global
+parameter name, so any rank reads its own slice at any pipeline degree; they
+are stored contiguous and unfiltered so a slice is read with one pread per
+tensor at a known offset, hashed while it is still in cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+import torch
+
+from ..errors import HpcLlamaError
+from ..partition import plan_shards
+from .base import CheckpointReader, group_by_unit, unit_order
+from .hf import model_config_from_hf
+from .tensors import TORCH_NAMES, TensorInfo, checksum, new_hasher, numpy_view, read_exact
+
+FORMAT = "hpc_llama.checkpoint"
+FORMAT_VERSION = 1
+INDEX = "index.json"
+
+
+def _attr_str(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class H5File:
+    """One HDF5 file of the format (a whole checkpoint or one shard)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.f = h5py.File(path, "r")
+        except FileNotFoundError:
+            raise HpcLlamaError(f"{path}: no such file") from None
+        except OSError as e:
+            reason = "truncated" if "truncated" in str(e) else "not a readable HDF5 file"
+            raise HpcLlamaError(f"{path}: {reason} ({str(e).split('(')[0].strip()})") from None
+        fmt = _attr_str(self.f.attrs.get("format", ""))
+        if fmt != FORMAT:
+            raise HpcLlamaError(f"{path}: not an hpc_llama checkpoint (format attribute {fmt!r})")
+        version = int(self.f.attrs.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            raise HpcLlamaError(f"{path}: checkpoint format {version} is newer than this hpc_llama reads ({FORMAT_VERSION})")
+        self._fd = None
+
+    def names(self) -> list[str]:
+        return list(self.f["tensors"].keys()) if "tensors" in self.f else []
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            d = self.f["tensors"][name]
+        except KeyError:
+            raise HpcLlamaError(f"{self.path}: tensor {name} is missing") from None
+        attrs = {k: (_attr_str(v) if isinstance(v, (bytes, str)) else v) for k, v in d.attrs.items()}
+        dtype = attrs.pop("dtype", str(d.dtype))
+        plain = d.chunks is None and d.compression is None
+        offset = d.id.get_offset() if plain else None
+        nbytes = int(np.prod(d.shape, dtype=np.int64)) * np.dtype(d.dtype).itemsize
+        return TensorInfo(name, tuple(d.shape), dtype, nbytes, self.path, offset, attrs.pop("xxh3", None), attrs)
+
+    def read_into(self, info: TensorInfo, out: np.ndarray, verify: bool) -> None:
+        hasher = new_hasher() if verify and info.checksum else None
+        if info.offset is not None:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            try:
+                read_exact(self._fd, info.offset, out, hasher)
+            except HpcLlamaError:
+                raise HpcLlamaError(f"{self.path}: truncated (tensor {info.name})") from None
+        else:
+            try:
+                self.f["tensors"][info.name].read_direct(out)
+            except OSError as e:
+                raise HpcLlamaError(f"{self.path}: cannot read tensor {info.name}: {e}") from None
+            if hasher is not None:
+                hasher.update(out.reshape(-1).view(np.uint8))
+        if hasher is not None and hasher.hexdigest() != info.checksum:
+            raise HpcLlamaError(f"{self.path}: checksum mismatch in tensor {info.name} (stored {info.checksum}, "
+                                f"read {hasher.hexdigest()}): the file is corrupt")
+
+    def assets(self) -> dict[str, bytes]:
+        out = {}
+        for name, d in (self.f["assets"].items() if "assets" in self.f else []):
+            data = d[()].tobytes()
+            if checksum(np.frombuffer(data, np.uint8)) != _attr_str(d.attrs.get("xxh3", "")):
+                raise HpcLlamaError(f"{self.path}: checksum mismatch in asset {name}: the file is corrupt")
+            out[name] = data
+        return out
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.f.close()
+
+
+class H5Checkpoint(CheckpointReader):
+    """A single .h5 checkpoint or a sharded directory; shards are opened only when needed."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._files: dict[str, H5File] = {}
+        if os.path.isdir(path):
+            self.format = "h5-sharded"
+            index_path = os.path.join(path, INDEX)
+            try:
+                with open(index_path) as f:
+                    index = json.load(f)
+            except FileNotFoundError:
+                raise HpcLlamaError(f"{path}: directory has no {INDEX}") from None
+            except ValueError:
+                raise HpcLlamaError(f"{index_path}: corrupt index (not JSON)") from None
+            if index.get("format") != FORMAT:
+                raise HpcLlamaError(f"{index_path}: not an hpc_llama checkpoint index")
+            if int(index.get("format_version", 0)) > FORMAT_VERSION:
+                raise HpcLlamaError(f"{index_path}: checkpoint format is newer than this hpc_llama reads")
+            self.hf_config = index["config"]
+            self._where = index["tensors"]
+            self._asset_shard = index.get("assets")
+        else:
+            self.format = "h5"
+            single = self._file(path)
+            self.hf_config = json.loads(_attr_str(single.f.attrs["config"]))
+            self._where = {n: os.path.basename(path) for n in single.names()}
+            self._asset_shard = os.path.basename(path)
+        self.config = model_config_from_hf(self.hf_config)
+        self._names = sorted(self._where, key=unit_order)
+
+    def _file(self, path: str) -> H5File:
+        if path not in self._files:
+            self._files[path] = H5File(path)
+        return self._files[path]
+
+    def _shard(self, name: str) -> H5File:
+        if name not in self._where:
+            raise HpcLlamaError(f"{self.path}: tensor {name} is missing")
+        base = self.path if self.format == "h5" else os.path.join(self.path, self._where[name])
+        return self._file(base)
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def info(self, name: str) -> TensorInfo:
+        return self._shard(name).info(name)
+
+    def read_into(self, name: str, out: torch.Tensor, verify: bool = True) -> None:
+        info = self._check_out(name, out)
+        self._shard(name).read_into(info, numpy_view(out), verify)
+
+    def assets(self) -> dict[str, bytes]:
+        if not self._asset_shard:
+            return {}
+        base = self.path if self.format == "h5" else os.path.join(self.path, self._asset_shard)
+        return self._file(base).assets()
+
+    def close(self):
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+# --- writing -----------------------------------------------------------------
+
+
+class H5Writer:
+    """Writes one file of the format; tensors are added one at a time."""
+
+    def __init__(self, path: str, hf_config: dict, assets: dict[str, bytes] | None = None, meta: dict | None = None):
+        from .. import __version__
+
+        self.f = h5py.File(path, "w")
+        self.f.attrs["format"] = FORMAT
+        self.f.attrs["format_version"] = FORMAT_VERSION
+        self.f.attrs["config"] = json.dumps(hf_config, sort_keys=True)
+        self.f.attrs["created_by"] = f"hpc_llama {__version__}"
+        for k, v in (meta or {}).items():
+            self.f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
+        self.tensors = self.f.create_group("tensors")
+        if assets:
+            g = self.f.create_group("assets")
+            for name, data in sorted(assets.items()):
+                arr = np.frombuffer(data, np.uint8)
+                d = g.create_dataset(name, data=arr)
+                d.attrs["xxh3"] = checksum(arr)
+
+    def add(self, name: str, tensor: torch.Tensor, attrs: dict | None = None) -> str:
+        t = tensor.detach().cpu().contiguous()
+        dtype = TORCH_NAMES.get(t.dtype)
+        if dtype is None:
+            raise HpcLlamaError(f"tensor {name}: dtype {t.dtype} cannot be stored")
+        arr = numpy_view(t)
+        d = self.tensors.create_dataset(name, data=arr)
+        d.attrs["dtype"] = dtype
+        digest = checksum(arr)
+        d.attrs["xxh3"] = digest
+        for k, v in (attrs or {}).items():
+            d.attrs[k] = v
+        return digest
+
+    def close(self):
+        self.f.close()
+
+
+def write_checkpoint(dst: str, reader: CheckpointReader, shard_bytes: int | None = None,
+                     hf_config: dict | None = None) -> None:
+    """Copy every tensor of `reader` into a new checkpoint at `dst` (a file, or a directory when sharded).
+
+    Tensors are streamed one at a time; bytes are copied, never converted.
+    `dst` must not exist: the caller writes to a temporary path and renames.
+    """
+    hf_config = hf_config or reader.hf_config
+    names = reader.names()
+    assets = reader.assets()
+    units = group_by_unit(names)
+    if shard_bytes is None:
+        w = H5Writer(dst, hf_config, assets)
+        try:
+            for n in names:
+                w.add(n, reader.read(n))
+        finally:
+            w.close()
+        return
+    sizes = [sum(reader.info(n).nbytes for n in group) for group in units]
+    plan = plan_shards(sizes, shard_bytes)
+    os.makedirs(dst)
+    where = {}
+    for s, unit_ids in enumerate(plan):
+        fname = f"model-{s + 1:05d}-of-{len(plan):05d}.h5"
+        w = H5Writer(os.path.join(dst, fname), hf_config, assets if s == 0 else None)
+        try:
+            for u in unit_ids:
+                for n in units[u]:
+                    w.add(n, reader.read(n))
+                    where[n] = fname
+        finally:
+            w.close()
+    index = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": hf_config,
+             "assets": f"model-00001-of-{len(plan):05d}.h5" if assets else None,
+             "shards": [f"model-{s + 1:05d}-of-{len(plan):05d}.h5" for s in range(len(plan))],
+             "tensors": where}
+    with open(os.path.join(dst, INDEX), "w") as f:
+        json.dump(index, f, indent=1, sort_keys=True)

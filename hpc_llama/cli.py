@@ -1,0 +1,45 @@
+"""The `hpc-llama` console script: one typed subcommand per job.
+
+Every subcommand runs the same way under plain python, `mpirun -n N` and
+`srun`; an error on any rank prints one line and ends the whole job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# subcommand -> (module under hpc_llama.jobs, one-line help)
+JOBS = {
+    "convert": ("convert", "convert between HF model directories and hpc_llama HDF5 checkpoints"),
+    "inspect": ("inspect", "show a checkpoint's config, sizes and stage split; --verify checks every checksum"),
+    "init": ("init", "write a freshly initialised model from a config preset (seeded, layout-independent)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpc-llama", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"hpc-llama {__version__}")
+    sub = parser.add_subparsers(dest="job", metavar="JOB", required=True)
+    for name, (module, help_text) in JOBS.items():
+        job = importlib.import_module(f"hpc_llama.jobs.{module}")
+        p = sub.add_parser(name, help=help_text, description=job.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        job.add_arguments(p)
+        p.set_defaults(_run=job.run)
+    return parser
+
+
+def _main(argv):
+    args = build_parser().parse_args(argv)
+    return args._run(args)
+
+
+def main(argv=None) -> int:
+    from .runtime import run_guarded
+
+    code = run_guarded(_main, sys.argv[1:] if argv is None else argv)
+    sys.exit(code)

@@ -1,0 +1,157 @@
+"""Frozen configuration dataclasses loaded from YAML presets, with CLI overrides.
+
+A preset (configs/*.yaml) has one section per concern; each part of the code
+receives only its own section. Unknown keys are errors naming the key, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass
+
+import yaml
+
+from .errors import HpcLlamaError
+from .model import ModelConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How ranks are laid out over the model."""
+
+    pp: int = 1
+    """Pipeline stages; the data-parallel degree is the number of ranks divided by this."""
+    partition: str = "balanced"
+    """How layers are split over stages: uniform (same layer count) or balanced (same parameter count, embedding and head included)."""
+    dtype: str = "auto"
+    """Compute dtype: fp32, bf16, or auto (bf16 on GPUs that support it, fp32 otherwise)."""
+    timeout_s: float = 600.0
+    """Longest wait on a collective before the job fails instead of hanging."""
+
+    def __post_init__(self):
+        if self.pp < 1:
+            raise ValueError(f"pp must be at least 1, got {self.pp}")
+        if self.partition not in ("uniform", "balanced"):
+            raise ValueError(f"partition must be uniform or balanced, got {self.partition!r}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+
+
+# Top-level YAML sections and the dataclass each is read into. Jobs add theirs here.
+SECTIONS: dict[str, type] = {"model": ModelConfig, "parallel": ParallelConfig}
+
+
+def from_dict(cls, data: dict | None, where: str):
+    """Build dataclass `cls` from a mapping; unknown keys and bad values are errors naming them."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise HpcLlamaError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise HpcLlamaError(f"{where}: unknown key {key!r} (known: {', '.join(fields)})")
+    values = {}
+    for key, value in data.items():
+        values[key] = _coerce(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise HpcLlamaError(f"{where}: {e}") from None
+
+
+def _coerce(value, hint, where):
+    """Check a YAML value against a field's type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except HpcLlamaError as e:
+                errors.append(str(e))
+        raise HpcLlamaError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise HpcLlamaError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if type(value) is not hint:
+            raise HpcLlamaError(f"{where}: expected {hint.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`section.key=value` (value in YAML syntax) -> (["section", "key"], value)."""
+    if "=" not in text:
+        raise HpcLlamaError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        raise HpcLlamaError(f"override {text!r}: value is not valid YAML") from None
+    return key.strip().split("."), value
+
+
+def resolve_preset(name: str) -> str:
+    """A preset path, or a bare name looked up in configs/ (`tiny` -> configs/tiny.yaml)."""
+    if os.path.isfile(name):
+        return name
+    candidate = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else f"{name}.yaml")
+    if os.path.isfile(candidate):
+        return candidate
+    raise HpcLlamaError(f"config {name!r}: no such file or preset in {CONFIG_DIR}")
+
+
+def load_sections(path: str | None = None, overrides: list[str] = (), sections: dict[str, type] = None) -> dict:
+    """Read a YAML preset, apply `section.key=value` overrides, and build each section's dataclass.
+
+    Returns {section name: frozen dataclass or None when the section is absent
+    and has required fields}.
+    """
+    sections = SECTIONS if sections is None else sections
+    raw: dict = {}
+    where = "config"
+    if path is not None:
+        path = resolve_preset(path)
+        where = path
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise HpcLlamaError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise HpcLlamaError(f"{path}: expected sections (a mapping) at the top level")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise HpcLlamaError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    for key in raw:
+        if key not in sections:
+            raise HpcLlamaError(f"{where}: unknown section {key!r} (known: {', '.join(sections)})")
+    return {name: (from_dict(cls, raw[name], f"{where}: {name}") if name in raw else None)
+            for name, cls in sections.items()}

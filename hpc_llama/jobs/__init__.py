@@ -1,0 +1,1 @@
+"""One module per `hpc-llama` subcommand: `add_arguments(parser)` and `run(args)`."""

@@ -1,0 +1,74 @@
+"""Convert a checkpoint between formats, streaming one tensor at a time.
+
+    hpc-llama convert /models/Llama-3-8B llama3-8b.h5                 # HF directory -> one HDF5 file
+    hpc-llama convert /models/Llama-3-8B llama3-8b --shard-size 2GB   # -> directory of HDF5 shards
+    hpc-llama convert llama3-8b.h5 llama3-8b-hf --format hf           # -> HF directory (from_pretrained loads it)
+
+The destination format follows from its name unless --format says: a name
+ending in .h5 is one HDF5 file; otherwise an HF source becomes HDF5 shards and
+an HDF5 source becomes an HF directory. Tensors are copied bit for bit unless
+--dtype asks for a cast. The output appears only when complete.
+"""
+
+from __future__ import annotations
+
+FORMATS = ("h5", "h5-sharded", "hf")
+
+
+def add_arguments(p):
+    p.add_argument("src", help="HF model directory, .h5 file or sharded HDF5 directory")
+    p.add_argument("dst", help="destination file (.h5) or directory")
+    p.add_argument("--format", choices=FORMATS, help="destination format (default: from the destination name)")
+    p.add_argument("--shard-size", default=None, metavar="SIZE",
+                   help="largest shard, e.g. 2GB (default 5GB for directories); shards are cut at layer boundaries")
+    p.add_argument("--dtype", choices=("keep", "fp32", "bf16", "fp16"), default="keep",
+                   help="cast floating-point tensors (default: keep the stored dtype, bit-exact)")
+    p.add_argument("--force", action="store_true", help="replace the destination if it exists")
+
+
+def destination_format(dst: str, src_format: str, requested: str | None, shard_size: str | None) -> str:
+    if requested:
+        return requested
+    if dst.endswith((".h5", ".hdf5")):
+        return "h5"
+    if src_format == "hf" or shard_size is not None:
+        return "h5-sharded"
+    return "hf"
+
+
+def run(args) -> int:
+    import torch
+
+    from ..checkpoint import open_checkpoint
+    from ..checkpoint.h5 import write_checkpoint
+    from ..checkpoint.hf import write_hf
+    from ..checkpoint.views import CastReader
+    from ..errors import HpcLlamaError
+    from ..outputs import atomic_path, check_destination, parse_size
+    from ..runtime import world_comm
+
+    comm = world_comm()
+    if comm is not None and comm.Get_rank() != 0:
+        comm.Barrier()  # conversion is serial: the other ranks only wait for it
+        return 0
+    check_destination(args.dst, args.force)
+    reader = open_checkpoint(args.src)
+    try:
+        fmt = destination_format(args.dst, reader.format, args.format, args.shard_size)
+        if fmt == "h5" and args.shard_size:
+            raise HpcLlamaError("--shard-size needs a sharded destination (--format h5-sharded or hf)")
+        shard = parse_size(args.shard_size or "5GB")
+        if args.dtype != "keep":
+            reader = CastReader(reader, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
+        with atomic_path(args.dst, args.force) as tmp:
+            if fmt == "hf":
+                write_hf(tmp, reader, shard)
+            else:
+                write_checkpoint(tmp, reader, shard if fmt == "h5-sharded" else None)
+        n = len(reader.names())
+        print(f"wrote {args.dst} ({fmt}, {n} tensors, {reader.config.n_params / 1e6:.1f}M parameters)")
+    finally:
+        reader.close()
+        if comm is not None and comm.Get_size() > 1:
+            comm.Barrier()
+    return 0

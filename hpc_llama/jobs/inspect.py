@@ -1,0 +1,145 @@
+"""Show what a checkpoint holds, check it against its config, and verify its checksums.
+
+    hpc-llama inspect llama3-8b.h5                 # config, parameters, bytes per layer, dtypes
+    hpc-llama inspect llama3-8b.h5 --pp 4          # ... and what each of 4 pipeline stages would read
+    hpc-llama inspect llama3-8b.h5 --verify        # read every tensor and check its checksum
+
+Exits non-zero when a tensor is missing, has the wrong shape, or (with
+--verify) does not match its checksum.
+"""
+
+from __future__ import annotations
+
+
+def add_arguments(p):
+    p.add_argument("checkpoint", help=".h5 file, sharded HDF5 directory or HF model directory")
+    p.add_argument("--verify", action="store_true", help="read every tensor and verify its checksum")
+    p.add_argument("--pp", type=int, default=None, help="show the split over this many pipeline stages")
+    p.add_argument("--partition", choices=("balanced", "uniform"), default="balanced", help="stage split method")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+
+
+def expected_shapes(cfg) -> dict[str, tuple]:
+    import torch
+
+    from ..model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def check_structure(reader) -> None:
+    """Every parameter the config implies is stored with the shape the config implies."""
+    from ..checkpoint import source_name
+    from ..errors import HpcLlamaError
+
+    stored = set(reader.names())
+    for name, shape in expected_shapes(reader.config).items():
+        src = source_name(reader, name)
+        if src not in stored:
+            raise HpcLlamaError(f"{reader.path}: tensor {src} is missing")
+        info = reader.info(src)
+        if info.shape != shape:
+            raise HpcLlamaError(f"{reader.path}: tensor {src} has shape {list(info.shape)} "
+                                f"but the model config says {list(shape)}")
+    extra = stored - set(expected_shapes(reader.config)) - {"output.weight"}
+    if extra:
+        raise HpcLlamaError(f"{reader.path}: tensor {sorted(extra)[0]} is not part of the configured model")
+
+
+def summarize(reader, pp: int | None, partition: str) -> dict:
+    from collections import Counter
+
+    from ..checkpoint import slice_sources
+    from ..checkpoint.base import group_by_unit, unit_of
+    from ..config import ParallelConfig
+    from ..pipeline import stage_plans
+
+    cfg = reader.config
+    units = {}
+    for group in group_by_unit(reader.names()):
+        units[str(unit_of(group[0]))] = sum(reader.info(n).nbytes for n in group)
+    out = {
+        "path": reader.path, "format": reader.format, "model_type": reader.hf_config.get("model_type"),
+        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "parameters": cfg.n_params, "tensors": len(reader.names()),
+        "bytes": sum(units.values()), "bytes_per_unit": units,
+        "dtypes": dict(Counter(reader.info(n).dtype for n in reader.names())),
+        "assets": {k: len(v) for k, v in reader.assets().items()},
+    }
+    if pp is not None:
+        stages = []
+        for plan in stage_plans(cfg, ParallelConfig(pp=pp, partition=partition)):
+            names = slice_sources(reader, plan.layers, plan.embed, plan.head)
+            stages.append({"stage": plan.stage, "layers": [plan.layers.start, plan.layers.stop],
+                           "embed": plan.embed, "head": plan.head,
+                           "bytes": sum(reader.info(n).nbytes for n in names)})
+        out["stages"] = stages
+    return out
+
+
+def verify_all(reader) -> tuple[int, int, float]:
+    import time
+
+    t0, total = time.perf_counter(), 0
+    for name in reader.names():
+        total += reader.read(name, verify=True).nbytes
+    return len(reader.names()), total, time.perf_counter() - t0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
+
+
+def print_table(s: dict) -> None:
+    c = s["config"]
+    rope = f"theta {c['rope_theta']:g}"
+    if c["rope_scaling"]:
+        rope += f" ({c['rope_scaling'].get('rope_type', c['rope_scaling'].get('type'))} x{c['rope_scaling']['factor']:g})"
+    print(f"checkpoint   {s['path']} ({s['format']})")
+    print(f"model        {s['model_type']}: {c['n_layers']} layers, dim {c['dim']}, {c['n_heads']} heads "
+          f"({c['n_kv_heads']} kv, head_dim {c['head_dim']}), ffn {c['ffn_dim']}, vocab {c['vocab_size']}, "
+          f"rope {rope}, context {c['max_seq_len']}, tied {'yes' if c['tie_embeddings'] else 'no'}")
+    print(f"parameters   {s['parameters']:,} ({s['parameters'] / 1e6:,.1f}M)")
+    print(f"tensors      {s['tensors']}, {_mb(s['bytes'])}; " + ", ".join(f"{k} x{v}" for k, v in s["dtypes"].items()))
+    per = s["bytes_per_unit"]
+    layers = [v for k, v in per.items() if k not in ("embed", "head")]
+    parts = [f"embed {_mb(per['embed'])}"] if "embed" in per else []
+    if layers:
+        same = len(set(layers)) == 1
+        parts.append(f"{len(layers)} layers {_mb(layers[0])} each" if same else f"layers {_mb(min(layers))}-{_mb(max(layers))}")
+    if "head" in per:
+        parts.append(f"head {_mb(per['head'])}")
+    print(f"bytes/part   {', '.join(parts)}")
+    print(f"assets       {', '.join(f'{k} ({_mb(v)})' for k, v in s['assets'].items()) or 'none (no tokenizer)'}")
+    for st in s.get("stages", []):
+        what = (["embed"] if st["embed"] else []) + [f"layers {st['layers'][0]}-{st['layers'][1] - 1}"] + (["head"] if st["head"] else [])
+        print(f"stage {st['stage']:<6} {' + '.join(what)}: reads {_mb(st['bytes'])}")
+
+
+def run(args) -> int:
+    import json
+
+    from ..checkpoint import open_checkpoint
+    from ..errors import HpcLlamaError
+
+    with open_checkpoint(args.checkpoint) as reader:
+        check_structure(reader)
+        try:
+            summary = summarize(reader, args.pp, args.partition)
+        except ValueError as e:
+            raise HpcLlamaError(str(e)) from None
+        if args.verify:
+            n, nbytes, seconds = verify_all(reader)
+            has_sums = reader.format.startswith("h5")
+            summary["verify"] = {"tensors": n, "bytes": nbytes, "seconds": round(seconds, 3), "checksums": has_sums}
+        if args.json:
+            print(json.dumps(summary, indent=1))
+        else:
+            print_table(summary)
+            if args.verify:
+                v = summary["verify"]
+                how = "checksums match" if v["checksums"] else "all readable (this format stores no checksums)"
+                print(f"verify       {v['tensors']} tensors, {_mb(v['bytes'])} in {v['seconds']:.2f} s: {how}")
+    return 0

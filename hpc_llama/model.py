@@ -1,0 +1,347 @@
+"""The Llama model in plain torch: Llama 2 and Llama 3 families.
+
+Nothing here knows about MPI, DeepSpeed, HDF5 or devices; parallelism wraps the
+model from outside. A pipeline stage is the same `Transformer` with parts
+missing: its layers are keyed by their *global* number, and the embedding, the
+final norm and the output head exist only where asked for, so a slice has the
+same parameter names as the whole model (`layers.17.attention.wq.weight`).
+
+Attention rule (one rule for every mode): query i of row b may see key j when
+key_pos[b, j] <= query_pos[b, i] (and key_mask[b, j] when a mask is given).
+Without a cache the key positions are the input positions, so right-padded
+batches need no mask at all; with a cache a key's slot *is* its position, so
+rows of different lengths decode together without left padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama model. Field names are ours; `hf_config` maps HF's."""
+
+    vocab_size: int = 32000
+    """Number of token ids."""
+    dim: int = 4096
+    """Width of the residual stream (HF hidden_size)."""
+    n_layers: int = 32
+    """Number of transformer blocks (HF num_hidden_layers)."""
+    n_heads: int = 32
+    """Query heads (HF num_attention_heads)."""
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means n_heads."""
+    head_dim: int | None = None
+    """Width of one head; None means dim // n_heads."""
+    ffn_dim: int = 11008
+    """Hidden width of the SwiGLU feed-forward (HF intermediate_size)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon (HF rms_norm_eps)."""
+    rope_theta: float = 10000.0
+    """Rotary base period."""
+    rope_scaling: dict | None = None
+    """None, or {"rope_type": "llama3"|"linear", "factor": ..., ...} as in HF."""
+    max_seq_len: int = 4096
+    """Longest sequence the model was trained for (HF max_position_embeddings)."""
+    tie_embeddings: bool = False
+    """The output head reuses the token embedding matrix."""
+    attention_bias: bool = False
+    """Biases on the q/k/v/o projections (some Llama derivatives)."""
+    mlp_bias: bool = False
+    """Biases on the feed-forward projections."""
+    bos_id: int | None = 1
+    """Beginning-of-sequence token id."""
+    eos_ids: tuple[int, ...] = field(default=(2,))
+    """End-of-sequence token ids (Llama 3 instruct models have several)."""
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if isinstance(self.eos_ids, (int, list)):
+            ids = [self.eos_ids] if isinstance(self.eos_ids, int) else self.eos_ids
+            object.__setattr__(self, "eos_ids", tuple(ids))
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            need = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                    "linear": ("factor",)}
+            if kind not in need:
+                raise ValueError(f"rope scaling type {kind!r} is not supported (llama3, linear)")
+            missing = [k for k in need[kind] if k not in self.rope_scaling]
+            if missing:
+                raise ValueError(f"rope_scaling of type {kind} lacks {', '.join(missing)}")
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count of the whole model (a tied head counted once)."""
+        return sum(layer_param_counts(self)) + embedding_params(self) * (1 if self.tie_embeddings else 2) + self.dim
+
+
+def embedding_params(cfg: ModelConfig) -> int:
+    return cfg.vocab_size * cfg.dim
+
+
+def layer_param_counts(cfg: ModelConfig) -> list[int]:
+    """Parameters in each transformer block (all blocks have the same shape)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    attn = cfg.dim * (q + 2 * kv) + q * cfg.dim
+    if cfg.attention_bias:
+        attn += q + 2 * kv + cfg.dim
+    ffn = 3 * cfg.dim * cfg.ffn_dim + (2 * cfg.ffn_dim + cfg.dim if cfg.mlp_bias else 0)
+    return [attn + ffn + 2 * cfg.dim] * cfg.n_layers
+
+
+def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse rotary frequencies (head_dim/2,), fp32, with Llama 3 / linear scaling."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the
+    # band between them interpolated smoothly.
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotary_tables(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
+    """cos and sin tables (B, T, head_dim) for integer positions (B, T)."""
+    freqs = positions[..., None].float() * rope_frequencies(cfg, positions.device)  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, T, H, hd); the "rotate half" layout of HF checkpoints, so their
+    # q/k weights are used unpermuted.
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 whatever the weights' dtype, as the reference does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of one layer: slot s of a row holds position s."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, device=None, dtype=None):
+        shape = (batch, max_len, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, T, kv, hd) at their positions; return the filled prefix."""
+        if int(positions.max()) >= self.k.shape[1]:
+            raise ValueError(f"position {int(positions.max())} is past the cache length {self.k.shape[1]}")
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, positions] = k
+        self.v[rows, positions] = v
+        used = int(positions.max()) + 1
+        return self.k[:, :used], self.v[:, :used]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias)
+
+    def forward(self, x, cos, sin, mask, positions, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(positions, k, v)  # (B, S, kv, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, hd)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)  # gate
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)  # down
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, mask, positions, cache=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, positions, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """The whole model, or the slice of it given by `layer_ids`, `embed` and `head`.
+
+    The first slice takes token ids (B, T); a later one takes hidden states
+    (B, T, dim). A slice with the head returns logits (B, T, vocab); any other
+    returns hidden states.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_ids=None, embed: bool = True, head: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        layer_ids = range(cfg.n_layers) if layer_ids is None else layer_ids
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim) if embed else None
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in layer_ids})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if head else None
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if head else None
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Share the embedding with the head when the config ties them and this slice has both.
+
+        Called again after `to_empty`, which gives every parameter fresh storage.
+        """
+        if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return [int(k) for k in self.layers]
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict[str, KVCache]:
+        """An empty KV cache for this slice's own layers."""
+        cfg = self.cfg
+        return {k: KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, device, dtype) for k in self.layers}
+
+    def forward(self, x, positions=None, key_mask=None, cache: dict[str, KVCache] | None = None):
+        """x: tokens (B, T) or hidden (B, T, dim); positions (B, T); key_mask (B, T) bool, True = real token."""
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        B, T = h.shape[:2]
+        if positions is None:
+            if cache is not None:
+                raise ValueError("decoding with a cache needs explicit positions")
+            positions = torch.arange(T, device=h.device).expand(B, T)
+        mask = attention_mask(positions, key_mask, cache is not None, _is_plain(positions, key_mask, cache))
+        cos, sin = rotary_tables(self.cfg, positions, h.dtype)
+        for key, layer in self.layers.items():
+            h = layer(h, cos, sin, mask, positions, None if cache is None else cache[key])
+        if self.output is None:
+            return h
+        return self.output(self.norm(h))
+
+
+def _is_plain(positions, key_mask, cache) -> bool:
+    # The common case -- no cache, no mask, positions 0..T-1 in every row --
+    # takes SDPA's built-in causal path, which never builds a (T, T) mask.
+    if cache is not None or key_mask is not None:
+        return False
+    T = positions.shape[1]
+    return bool((positions == torch.arange(T, device=positions.device)).all())
+
+
+def attention_mask(positions, key_mask, cached: bool, plain: bool):
+    """Boolean (B, 1, T, S) mask, True where attention is allowed; None for plain causal."""
+    if plain:
+        return None
+    if cached:
+        S = int(positions.max()) + 1
+        key_pos = torch.arange(S, device=positions.device).expand(positions.shape[0], S)
+    else:
+        key_pos = positions
+    allowed = key_pos[:, None, :] <= positions[:, :, None]  # (B, T, S)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :]
+    # A query that may see nothing (a masked pad) would give NaN; let it see
+    # itself instead -- its output is never used.
+    T = positions.shape[1]
+    if not cached:
+        allowed = allowed | torch.eye(T, dtype=torch.bool, device=positions.device)
+    return allowed[:, None]
+
+
+def init_parameter(name: str, shape, n_layers: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """The seeded initial value of one parameter, the same whichever rank or layout makes it.
+
+    Each tensor draws from its own generator seeded by (seed, name), so a
+    stage that builds only its own layers gets exactly the numbers the whole
+    model would have. Norm weights start at one; matrices are N(0, 0.02),
+    with the projections back into the residual stream scaled by
+    1/sqrt(2 n_layers) (GPT-2) so the stream's variance does not grow with depth.
+    """
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    if name.endswith(".bias"):
+        return torch.zeros(shape, dtype=dtype)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + _stable_hash(name)) % (1 << 63))
+    std = 0.02
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        std /= math.sqrt(2 * n_layers)
+    return (torch.randn(shape, generator=g) * std).to(dtype)
+
+
+def _stable_hash(text: str) -> int:
+    h = 1469598103934665603  # FNV-1a: Python's own hash() differs between processes
+    for b in text.encode():
+        h = ((h ^ b) * 1099511628211) % (1 << 64)
+    return h
+
+
+def init_weights(model: Transformer, seed: int) -> Transformer:
+    """Fill every parameter of a model or slice with its seeded initial value."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(init_parameter(name, p.shape, model.cfg.n_layers, seed, p.dtype))
+    return model

@@ -1,0 +1,67 @@
+"""Outputs appear whole or not at all: written under a temporary name, then renamed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+
+from .errors import HpcLlamaError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'500MB', '2GiB', '1000' -> bytes."""
+    m = _SIZE.match(text)
+    unit = (m.group(2) or "").lower() if m else None
+    if not m or unit not in _UNITS:
+        raise HpcLlamaError(f"size {text!r} is not a number of bytes like 500MB or 2GiB")
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise HpcLlamaError(f"size {text!r} must be positive")
+    return size
+
+
+def check_destination(dst: str, force: bool) -> None:
+    if os.path.lexists(dst) and not force:
+        raise HpcLlamaError(f"{dst} already exists (use --force to replace it)")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise HpcLlamaError(f"{parent}: output directory does not exist")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+@contextlib.contextmanager
+def atomic_path(dst: str, force: bool = False):
+    """Yield a temporary sibling path to write a file or directory into; rename it to `dst` on success.
+
+    On any error the temporary output is removed and `dst` is left as it was.
+    """
+    check_destination(dst, force)
+    dst = os.path.abspath(dst)
+    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.partial-{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if os.path.isdir(dst) and not os.path.islink(dst):
+        # A directory cannot be replaced in one rename: move the old one
+        # aside first, so a failure in between still leaves one of the two.
+        old = f"{tmp}.old"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        _remove(old)
+    else:
+        os.replace(tmp, dst)

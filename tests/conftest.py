@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random HF Llama models (the numerical reference) and command runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+MPIRUN = os.path.join(BIN, "mpirun")
+# Every multi-rank command is bounded so that a hang fails the test instead of eating CI.
+RUN_TIMEOUT = 240
+
+# Tiny reference configurations in HF's own field names. Each exercises a
+# different part of the architecture.
+HF_CONFIGS = {
+    # Llama 2 style: multi-head attention, default rope.
+    "llama2": dict(vocab_size=320, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5,
+                   max_position_embeddings=256, rope_theta=10000.0),
+    # Llama 3 style: grouped-query attention, theta 500000 and llama3 rope scaling
+    # (original context 32 so the scaling changes frequencies the tests reach).
+    "llama3": dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                   num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5,
+                   max_position_embeddings=512, rope_theta=500000.0,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    # Tied embeddings, head_dim not equal to hidden/heads, linear rope scaling.
+    "tied": dict(vocab_size=320, hidden_size=48, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                 max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=True,
+                 rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    # Biases on attention and MLP projections (some Llama derivatives).
+    "bias": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                 max_position_embeddings=256, attention_bias=True, mlp_bias=True),
+}
+
+
+def make_hf_model(name: str, seed: int = 0, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**HF_CONFIGS[name])).to(dtype).eval()
+    # HF initialises norms to one; random norms make the parity tests see them.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory):
+    """name -> directory of a saved random HF model (config.json + model.safetensors)."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name in HF_CONFIGS:
+        path = root / name
+        make_hf_model(name).save_pretrained(path)
+        out[name] = str(path)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_models(hf_dirs):
+    from transformers import LlamaForCausalLM
+
+    return {n: LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for n, d in hf_dirs.items()}
+
+
+def run_cli(*args, timeout=RUN_TIMEOUT, env=None, check=None):
+    """Run `hpc-llama ARGS` in a fresh process; returns CompletedProcess (text)."""
+    cmd = [os.path.join(BIN, "hpc-llama"), *map(str, args)]
+    return _run(cmd, timeout, env, check)
+
+
+def run_mpi(n: int, *args, timeout=RUN_TIMEOUT, env=None, check=None):
+    """Run `mpirun -n N ARGS` with the environment's MPI; bounded by `timeout`."""
+    cmd = [MPIRUN, "-n", str(n), *map(str, args)]
+    return _run(cmd, timeout, env, check)
+
+
+def _run(cmd, timeout, env, check):
+    full_env = dict(os.environ, DS_ACCELERATOR="cpu", **(env or {}))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+    if check is not None and (p.returncode == 0) != check:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}")
+    return p

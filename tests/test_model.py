@@ -1,0 +1,157 @@
+"""The model against HF transformers' LlamaForCausalLM, and against itself across slices and caches."""
+
+import pytest
+import torch
+
+from hpc_llama.checkpoint import load_slice, open_checkpoint
+from hpc_llama.model import ModelConfig, Transformer, init_weights
+from hpc_llama.partition import layer_partition
+
+from conftest import HF_CONFIGS
+
+TOL = 1e-4  # fp32 max-abs against the reference
+
+
+def tokens(vocab, B, T, seed=0):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_logits_match_transformers(name, hf_dirs, hf_models):
+    ref = hf_models[name]
+    model = load_slice(open_checkpoint(hf_dirs[name]))
+    x = tokens(ref.config.vocab_size, 3, 70)  # past the llama3 config's original context of 32
+    with torch.no_grad():
+        want = ref(x).logits
+        got = model(x)
+    assert got.shape == want.shape
+    err = (got - want).abs().max().item()
+    assert err <= TOL, f"{name}: max-abs {err:.3g}"
+
+
+def test_llama3_rope_scaling_is_exercised(hf_dirs):
+    # The parity test above only means something for rope scaling if the
+    # scaled frequencies differ from the plain ones.
+    from hpc_llama.model import rope_frequencies
+
+    cfg = open_checkpoint(hf_dirs["llama3"]).config
+    plain = rope_frequencies(ModelConfig(**{**cfg.__dict__, "rope_scaling": None}))
+    assert not torch.allclose(rope_frequencies(cfg), plain)
+
+
+def test_padded_batch_equals_each_document_alone(hf_dirs):
+    model = load_slice(open_checkpoint(hf_dirs["llama3"]))
+    lengths = [5, 23, 1, 17]
+    docs = [tokens(320, 1, n, seed=i)[0] for i, n in enumerate(lengths)]
+    T = max(lengths)
+    batch = torch.zeros(len(docs), T, dtype=torch.long)
+    for i, d in enumerate(docs):
+        batch[i, :len(d)] = d
+    with torch.no_grad():
+        # Right padding: the causal rule alone keeps pads out of real tokens' view.
+        right = model(batch)
+        # Left padding needs the key mask and shifted positions.
+        left = torch.zeros_like(batch)
+        mask = torch.zeros(batch.shape, dtype=torch.bool)
+        pos = torch.zeros_like(batch)
+        for i, d in enumerate(docs):
+            left[i, T - len(d):] = d
+            mask[i, T - len(d):] = True
+            pos[i, T - len(d):] = torch.arange(len(d))
+        left_out = model(left, positions=pos, key_mask=mask)
+        for i, d in enumerate(docs):
+            alone = model(d[None])[0]
+            assert (right[i, :len(d)] - alone).abs().max() <= 1e-5
+            assert (left_out[i, T - len(d):] - alone).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama2", "llama3", "tied"])
+def test_kv_cache_decoding_equals_full_forward(name, hf_dirs):
+    model = load_slice(open_checkpoint(hf_dirs[name]))
+    B, P, N = 3, 9, 12  # prompt length, decode steps
+    x = tokens(320, B, P + N, seed=1)
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(B, P + N)
+        steps = [model(x[:, :P], positions=torch.arange(P).expand(B, P), cache=cache)]
+        for t in range(P, P + N):
+            steps.append(model(x[:, t:t + 1], positions=torch.full((B, 1), t), cache=cache))
+    got = torch.cat(steps, dim=1)
+    assert (got - full).abs().max() <= 1e-5
+
+
+def test_kv_cache_rows_of_different_lengths_decode_together(hf_dirs):
+    # Row b holds a prompt of its own length; each row's next token goes at its
+    # own position in one batched step, and must equal that row run alone.
+    model = load_slice(open_checkpoint(hf_dirs["llama3"]))
+    lengths = [4, 11, 7]
+    docs = [tokens(320, 1, n + 3, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    B = len(docs)
+    with torch.no_grad():
+        cache = model.new_cache(B, 32)
+        T = max(lengths)
+        prompt = torch.zeros(B, T, dtype=torch.long)
+        for i, (d, n) in enumerate(zip(docs, lengths)):
+            prompt[i, :n] = d[:n]
+        model(prompt, positions=torch.arange(T).expand(B, T), cache=cache)
+        outs = []
+        for step in range(3):
+            pos = torch.tensor([[n + step] for n in lengths])
+            nxt = torch.stack([d[n + step] for d, n in zip(docs, lengths)])[:, None]
+            outs.append(model(nxt, positions=pos, cache=cache))
+        for i, (d, n) in enumerate(zip(docs, lengths)):
+            alone = model(d[None, :n + 3])[0, n:]
+            got = torch.cat([o[i] for o in outs])
+            assert (got - alone).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+@pytest.mark.parametrize("name", ["llama3", "tied"])
+def test_chained_slices_equal_whole_model(name, pp, hf_dirs):
+    reader = open_checkpoint(hf_dirs[name])
+    whole = load_slice(reader)
+    plans = layer_partition(reader.config.n_layers, pp, "uniform")
+    stages = [load_slice(reader, p.layers, p.embed, p.head) for p in plans]
+    x = tokens(320, 2, 30, seed=3)
+    with torch.no_grad():
+        h = x
+        for s in stages:
+            h = s(h)
+        assert (h - whole(x)).abs().max() == 0
+    # A slice is the same model with parts missing: same names, nothing else.
+    whole_names = set(dict(whole.named_parameters()))
+    for p, s in zip(plans, stages):
+        names = set(dict(s.named_parameters()))
+        assert all(int(n.split(".")[1]) in p.layers for n in names if n.startswith("layers."))
+        assert names <= whole_names | {"output.weight"}
+        assert ("tok_embeddings.weight" in names) == p.embed and ("norm.weight" in names) == p.head
+
+
+def test_seeded_init_is_the_same_in_every_slice():
+    cfg = ModelConfig(vocab_size=100, dim=32, n_layers=4, n_heads=4, ffn_dim=64)
+    whole = init_weights(Transformer(cfg), seed=7)
+    part = init_weights(Transformer(cfg, range(2, 4), embed=False, head=True), seed=7)
+    for n, p in part.named_parameters():
+        assert torch.equal(p, dict(whole.named_parameters())[n])
+    other = init_weights(Transformer(cfg), seed=8)
+    assert not torch.equal(other.layers["0"].attention.wq.weight, whole.layers["0"].attention.wq.weight)
+
+
+def test_model_file_is_pure_torch():
+    import hpc_llama.model as m
+
+    src = open(m.__file__).read()
+    for forbidden in ("mpi4py", "deepspeed", "h5py", ".cuda("):
+        assert forbidden not in src
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(dim=30, n_heads=4), "not divisible"),
+    (dict(n_heads=6, n_kv_heads=4, head_dim=8), "not a multiple"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "not supported"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks"),
+    (dict(n_layers=0), "must be positive"),
+])
+def test_invalid_model_configs_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{**dict(vocab_size=10, dim=32, n_layers=2, n_heads=4, ffn_dim=8), **bad})

@@ -94,6 +94,12 @@ def _coerce(value, hint, where):
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-5 (no dot) as a string; it is meant as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool):
         if type(value) is not hint:
             raise HpcLlamaError(f"{where}: expected {hint.__name__}, got {value!r}")

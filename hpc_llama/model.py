@@ -145,6 +145,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+class Linear(nn.Linear):
+    """nn.Linear that skips its random init on the meta device, where it would only cost time:
+    a slice built there is filled from a checkpoint or by `init_weights` anyway."""
+
+    def reset_parameters(self):
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -182,10 +191,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias)
 
     def forward(self, x, cos, sin, mask, positions, cache: KVCache | None):
         B, T, _ = x.shape
@@ -210,9 +219,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)  # gate
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)  # down
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)  # up
+        self.w1 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)  # gate
+        self.w2 = Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)  # down
+        self.w3 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)  # up
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -246,7 +255,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim) if embed else None
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in layer_ids})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if head else None
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if head else None
+        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False) if head else None
         self.tie_weights()
 
     def tie_weights(self):

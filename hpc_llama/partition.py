@@ -49,8 +49,8 @@ def balanced_sizes(costs: list[int], n_parts: int, first_extra: int = 0, last_ex
     """Contiguous part sizes (each >= 1) minimising the largest part's cost.
 
     The first part also carries `first_extra` and the last `last_extra` (the
-    embedding and the head). Ties go to the split that puts items earliest,
-    so the answer is deterministic.
+    embedding and the head). Ties are broken the same way every time: later
+    parts take the spare items.
     """
     n = len(costs)
     if n_parts > n:

@@ -17,6 +17,7 @@ from torch import nn
 from .checkpoint import load_slice
 from .checkpoint.base import CheckpointReader
 from .config import ParallelConfig
+from .errors import HpcLlamaError
 from .model import ModelConfig, Transformer, embedding_params, layer_param_counts
 from .partition import StagePlan, layer_partition, stage_and_replica
 from .runtime import RankInfo
@@ -24,8 +25,11 @@ from .runtime import RankInfo
 
 def stage_plans(cfg: ModelConfig, parallel: ParallelConfig) -> list[StagePlan]:
     """Every stage's share of the model, balanced by parameters (embedding and head counted) or uniform."""
-    return layer_partition(cfg.n_layers, parallel.pp, parallel.partition, layer_param_counts(cfg),
-                           embed_cost=embedding_params(cfg), head_cost=embedding_params(cfg) + cfg.dim)
+    try:
+        return layer_partition(cfg.n_layers, parallel.pp, parallel.partition, layer_param_counts(cfg),
+                               embed_cost=embedding_params(cfg), head_cost=embedding_params(cfg) + cfg.dim)
+    except ValueError as e:
+        raise HpcLlamaError(str(e)) from None
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:

@@ -14,6 +14,7 @@ import datetime
 import os
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -163,6 +164,9 @@ def start_distributed(info: RankInfo, comm, timeout_s: float = 600.0) -> None:
         torch.cuda.set_device(info.device)
     dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
+    if info.device == "cpu":
+        # Tell DeepSpeed up front instead of letting it probe and warn.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import deepspeed.ops
 
@@ -207,25 +211,29 @@ def run_guarded(main, argv=None, comm=None) -> int:
     tag = f"[rank {rank}] " if size > 1 else ""
     try:
         return main(argv) or 0
-    except KeyboardInterrupt:
-        print(f"hpc-llama: {tag}interrupted", file=sys.stderr, flush=True)
-        code = 130
-    except HpcLlamaError as e:
-        print(f"hpc-llama: {tag}error: {e}", file=sys.stderr, flush=True)
-        code = 2
     except BaseException as e:  # noqa: BLE001 -- the last line of defence for every rank
         if isinstance(e, SystemExit):
             if not e.code:
                 return 0
             if size == 1:
                 raise
-            code = e.code if isinstance(e.code, int) else 1
+            code, line = (e.code if isinstance(e.code, int) else 1), None
+        elif isinstance(e, KeyboardInterrupt):
+            code, line = 130, "interrupted"
+        elif isinstance(e, HpcLlamaError):
+            code, line = 2, f"error: {e}"
         else:
             detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            print(f"hpc-llama: {tag}error: {type(e).__name__}: {detail}", file=sys.stderr, flush=True)
+            code, line = 1, f"error: {type(e).__name__}: {detail}"
             if os.environ.get("HPC_LLAMA_DEBUG"):
                 traceback.print_exc()
-            code = 1
+        if line is not None:
+            if rank != 0:
+                # Bad input fails on every rank at once; rank 0 speaks for
+                # them all and its abort ends this rank before it repeats it.
+                # A failure on this rank alone is reported a moment later.
+                time.sleep(2)
+            print(f"hpc-llama: {tag}{line}", file=sys.stderr, flush=True)
     if size > 1:
         sys.stdout.flush()
         comm.Abort(code)

@@ -91,3 +91,22 @@ def _run(cmd, timeout, env, check):
     if check is not None and (p.returncode == 0) != check:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}")
     return p
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json(tmp_path_factory) -> str:
+    """A real byte-level BPE tokenizer.json (320 ids, like the tiny models), trained on stdlib text."""
+    import glob
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:40]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train(files, trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)

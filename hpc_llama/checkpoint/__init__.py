@@ -16,7 +16,7 @@ from ..model import Transformer
 from .base import CheckpointReader
 from .h5 import INDEX, H5Checkpoint
 from .hf import HFCheckpoint
-from .tensors import DTYPES
+from .tensors import DTYPES, carve, empty_for
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -49,6 +49,24 @@ def source_name(reader: CheckpointReader, name: str) -> str:
     return name
 
 
+def check_structure(reader: CheckpointReader) -> None:
+    """Every parameter the config implies is stored, with the shape the config implies; nothing else is."""
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in Transformer(reader.config).named_parameters()}
+    stored = set(reader.names())
+    for name, shape in shapes.items():
+        src = source_name(reader, name)
+        if src not in stored:
+            raise HpcLlamaError(f"{reader.path}: tensor {src} is missing")
+        info = reader.info(src)
+        if info.shape != shape:
+            raise HpcLlamaError(f"{reader.path}: tensor {src} has shape {list(info.shape)} "
+                                f"but the model config says {list(shape)}")
+    extra = stored - set(shapes) - {"output.weight"}
+    if extra:
+        raise HpcLlamaError(f"{reader.path}: tensor {sorted(extra)[0]} is not part of the configured model")
+
+
 def slice_sources(reader: CheckpointReader, layers=None, embed: bool = True, head: bool = True) -> list[str]:
     """The stored tensors a slice reads, each once."""
     with torch.device("meta"):
@@ -67,24 +85,36 @@ def load_slice(reader: CheckpointReader, layers=None, embed: bool = True, head: 
     cfg = reader.config
     with torch.device("meta"):
         model = Transformer(cfg, layers, embed, head)
-    names = dict(model.named_parameters())
-    infos = {n: reader.info(source_name(reader, n)) for n in names}
+    infos = {n: reader.info(source_name(reader, n)) for n, _ in model.named_parameters()}
     if dtype is None:
-        dtype = {i.dtype for i in infos.values()}
-        dtype = torch.float32 if len(dtype) != 1 else torch_dtype(dtype.pop())
-    model = model.to(dtype).to_empty(device=device)
-    model.tie_weights()
+        stored = {i.dtype for i in infos.values()}
+        dtype = torch_dtype(stored.pop()) if len(stored) == 1 else torch.float32
     for name, param in model.named_parameters():
         info = infos[name]
         if tuple(param.shape) != info.shape:
             raise HpcLlamaError(f"{reader.path}: tensor {info.name} has shape {list(info.shape)} "
                                 f"but the model config says {list(param.shape)}")
-        with torch.no_grad():
-            if param.device.type == "cpu" and torch_dtype(info.dtype) == param.dtype:
-                reader.read_into(info.name, param.data, verify)  # straight into place, no copy
-            else:
-                param.copy_(reader.read(info.name, verify))
+    in_place = torch.device(device).type == "cpu" and all(torch_dtype(i.dtype) == dtype for i in infos.values())
+    # On the CPU in the stored dtype, tensors are read straight into their
+    # final place (one huge-page backed block); otherwise each is staged
+    # through its own buffer, so a GPU load never holds the slice twice.
+    # Read in file order, so storage sees one forward sweep and its readahead works.
+    order = sorted(infos.items(), key=lambda kv: (kv[1].path, kv[1].offset or 0))
+    places = carve([info for _, info in order]) if in_place else [None] * len(order)
+    for (name, info), place in zip(order, places):
+        t = place if place is not None else empty_for(info)
+        reader.read_into(info.name, t, verify)
+        if place is None:
+            t = t.to(device=device, dtype=dtype)
+        _set_parameter(model, name, t)
+    model.tie_weights()
     return model.eval()
+
+
+def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    *path, leaf = name.split(".")
+    module = model.get_submodule(".".join(path))
+    module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=module._parameters[leaf].requires_grad)
 
 
 def torch_dtype(name: str) -> torch.dtype:

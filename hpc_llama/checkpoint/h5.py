@@ -19,7 +19,7 @@ from ..errors import HpcLlamaError
 from ..partition import plan_shards
 from .base import CheckpointReader, group_by_unit, unit_order
 from .hf import model_config_from_hf
-from .tensors import TORCH_NAMES, TensorInfo, checksum, new_hasher, numpy_view, read_exact
+from .tensors import DTYPES, TORCH_NAMES, TensorInfo, checksum, new_hasher, numpy_view, read_exact
 
 FORMAT = "hpc_llama.checkpoint"
 FORMAT_VERSION = 1
@@ -49,23 +49,65 @@ class H5File:
         if version > FORMAT_VERSION:
             raise HpcLlamaError(f"{path}: checkpoint format {version} is newer than this hpc_llama reads ({FORMAT_VERSION})")
         self._fd = None
+        self._index = None
+        self._infos: dict[str, TensorInfo] = {}
+        self._group = None
+
+    def _entries(self) -> dict[str, dict]:
+        """name -> {dtype, shape, xxh3, attrs}: from the /index dataset in one read, else from each dataset."""
+        if self._index is None:
+            stored = list(self.f["tensors"].keys()) if "tensors" in self.f else []
+            if "index" in self.f:
+                raw = self.f["index"][()].tobytes()
+                if checksum(np.frombuffer(raw, np.uint8)) != _attr_str(self.f["index"].attrs.get("xxh3", "")):
+                    raise HpcLlamaError(f"{self.path}: checksum mismatch in the tensor index: the file is corrupt")
+                self._index = json.loads(raw)
+                listed, present = set(self._index), set(stored)
+                for name in stored:
+                    if name not in listed:
+                        raise HpcLlamaError(f"{self.path}: tensor {name} is stored but not in the index: the file is corrupt")
+                for name in self._index:
+                    if name not in present:
+                        raise HpcLlamaError(f"{self.path}: tensor {name} is missing")
+            else:
+                self._index = {}
+                for name in stored:
+                    d = self.f["tensors"][name]
+                    attrs = {k: (_attr_str(v) if isinstance(v, (bytes, str)) else v) for k, v in d.attrs.items()}
+                    self._index[name] = {"dtype": attrs.pop("dtype", str(d.dtype)), "shape": list(d.shape),
+                                         "xxh3": attrs.pop("xxh3", None), "attrs": attrs}
+        return self._index
 
     def names(self) -> list[str]:
-        return list(self.f["tensors"].keys()) if "tensors" in self.f else []
+        return list(self._entries())
 
     def info(self, name: str) -> TensorInfo:
-        try:
-            d = self.f["tensors"][name]
-        except KeyError:
-            raise HpcLlamaError(f"{self.path}: tensor {name} is missing") from None
-        attrs = {k: (_attr_str(v) if isinstance(v, (bytes, str)) else v) for k, v in d.attrs.items()}
-        dtype = attrs.pop("dtype", str(d.dtype))
-        plain = d.chunks is None and d.compression is None
-        offset = d.id.get_offset() if plain else None
-        nbytes = int(np.prod(d.shape, dtype=np.int64)) * np.dtype(d.dtype).itemsize
-        return TensorInfo(name, tuple(d.shape), dtype, nbytes, self.path, offset, attrs.pop("xxh3", None), attrs)
+        if name in self._infos:
+            return self._infos[name]
+        entry = self._entries().get(name)
+        if entry is None:
+            raise HpcLlamaError(f"{self.path}: tensor {name} is missing")
+        # The offset is asked of HDF5 itself, not stored, so a repacked file
+        # stays readable; the low-level open skips h5py's per-object wrappers.
+        if self._group is None:
+            self._group = self.f["tensors"].id
+        d = h5py.h5d.open(self._group, name.encode())
+        offset = d.get_offset()  # None unless contiguous (filters need chunks)
+        shape = tuple(entry["shape"])
+        if d.shape != shape:
+            raise HpcLlamaError(f"{self.path}: tensor {name} disagrees with the index: the file is corrupt")
+        itemsize = np.dtype(DTYPES[entry["dtype"]][0]).itemsize if entry["dtype"] in DTYPES else d.dtype.itemsize
+        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+        info = TensorInfo(name, shape, entry["dtype"], nbytes, self.path, offset, entry.get("xxh3"),
+                          entry.get("attrs", {}))
+        self._infos[name] = info
+        return info
 
     def read_into(self, info: TensorInfo, out: np.ndarray, verify: bool) -> None:
+        scheme = info.attrs.get("scheme", "none")
+        if scheme != "none":
+            raise HpcLlamaError(f"{self.path}: tensor {info.name} is stored as {scheme!r}, "
+                                f"which this version of hpc_llama does not read")
         hasher = new_hasher() if verify and info.checksum else None
         if info.offset is not None:
             if self._fd is None:
@@ -147,6 +189,9 @@ class H5Checkpoint(CheckpointReader):
     def names(self) -> list[str]:
         return self._names
 
+    def has(self, name: str) -> bool:
+        return name in self._where
+
     def info(self, name: str) -> TensorInfo:
         return self._shard(name).info(name)
 
@@ -183,6 +228,7 @@ class H5Writer:
         for k, v in (meta or {}).items():
             self.f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
         self.tensors = self.f.create_group("tensors")
+        self.index: dict[str, dict] = {}
         if assets:
             g = self.f.create_group("assets")
             for name, data in sorted(assets.items()):
@@ -202,9 +248,15 @@ class H5Writer:
         d.attrs["xxh3"] = digest
         for k, v in (attrs or {}).items():
             d.attrs[k] = v
+        self.index[name] = {"dtype": dtype, "shape": list(arr.shape), "xxh3": digest, "attrs": dict(attrs or {})}
         return digest
 
     def close(self):
+        # One small JSON dataset describes every tensor, so a reader learns
+        # dtypes and checksums in one read instead of one per tensor.
+        raw = np.frombuffer(json.dumps(self.index, sort_keys=True).encode(), np.uint8)
+        d = self.f.create_dataset("index", data=raw)
+        d.attrs["xxh3"] = checksum(raw)
         self.f.close()
 
 

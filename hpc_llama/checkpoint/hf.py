@@ -196,6 +196,9 @@ class HFCheckpoint(CheckpointReader):
     def names(self) -> list[str]:
         return self._names
 
+    def has(self, name: str) -> bool:
+        return name in self._infos
+
     def info(self, name: str) -> TensorInfo:
         if name not in self._infos:
             raise HpcLlamaError(f"{self.path}: tensor {name} ({to_hf_name(name)}) is missing")

@@ -53,10 +53,43 @@ def new_hasher():
     return xxhash.xxh3_64()
 
 
-def empty_for(info: TensorInfo, device="cpu") -> torch.Tensor:
+def empty_for(info: TensorInfo) -> torch.Tensor:
+    """An uninitialised CPU tensor for `info`'s bytes.
+
+    Allocated by numpy, which asks the kernel for transparent huge pages on
+    large arrays: first-touching the memory while reading it in is then
+    about twice as fast as with torch's own allocator.
+    """
     if info.dtype not in DTYPES:
         raise HpcLlamaError(f"tensor {info.name} has unsupported dtype {info.dtype}")
-    return torch.empty(info.shape, dtype=DTYPES[info.dtype][1], device=device)
+    np_dtype, dtype = DTYPES[info.dtype]
+    t = torch.from_numpy(np.empty(info.shape, np_dtype))
+    return t.view(dtype) if t.dtype != dtype else t
+
+
+def carve(infos: list[TensorInfo], align: int = 64) -> list[torch.Tensor]:
+    """Uninitialised CPU tensors for several infos, carved out of one allocation.
+
+    One large numpy allocation is backed by transparent huge pages, so
+    filling it faults in 2 MiB at a time instead of 4 KiB: loading a slice
+    this way is close to the speed of a plain read of its bytes. Each tensor
+    starts on an `align`-byte boundary.
+    """
+    offsets, total = [], 0
+    for info in infos:
+        if info.dtype not in DTYPES:
+            raise HpcLlamaError(f"tensor {info.name} has unsupported dtype {info.dtype}")
+        offsets.append(total)
+        total += -(-info.nbytes // align) * align
+    arena = np.empty(total + align, np.uint8)
+    start = -arena.ctypes.data % align
+    out = []
+    for info, off in zip(infos, offsets):
+        np_dtype, dtype = DTYPES[info.dtype]
+        a = arena[start + off:start + off + info.nbytes].view(np_dtype).reshape(info.shape)
+        t = torch.from_numpy(a)
+        out.append(t.view(dtype) if t.dtype != dtype else t)
+    return out
 
 
 def numpy_view(t: torch.Tensor) -> np.ndarray:
@@ -66,14 +99,42 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+_HASH_POOL = None
+OVERLAP_MIN = 16 << 20  # below this, handing chunks to a thread costs more than it hides
+
+
+def _hash_pool():
+    # One worker, so chunks are hashed in the order they were read. xxhash
+    # releases the GIL: the next pread runs while the last chunk is hashed.
+    global _HASH_POOL
+    if _HASH_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpc-llama-hash")
+    return _HASH_POOL
+
+
 def read_exact(fd: int, offset: int, out: np.ndarray, hasher=None) -> None:
-    """Fill `out` with the bytes at `offset`, hashing each piece while it is still in cache."""
+    """Fill `out` with the bytes at `offset`, hashing each chunk while it is still in cache.
+
+    For large tensors the hashing runs on a worker thread, one chunk behind
+    the reads, so verification costs little more than the read itself.
+    """
     buf = memoryview(out.reshape(-1).view(np.uint8))
-    done = 0
-    while done < len(buf):
-        n = os.preadv(fd, [buf[done:done + CHUNK]], offset + done)
-        if n <= 0:
-            raise HpcLlamaError(f"unexpected end of file at byte {offset + done}")
-        if hasher is not None:
-            hasher.update(buf[done:done + n])
-        done += n
+    overlap = hasher is not None and len(buf) >= OVERLAP_MIN
+    done, pending = 0, None
+    try:
+        while done < len(buf):
+            n = os.preadv(fd, [buf[done:done + CHUNK]], offset + done)
+            if n <= 0:
+                raise HpcLlamaError(f"unexpected end of file at byte {offset + done}")
+            if overlap:
+                if pending is not None:
+                    pending.result()
+                pending = _hash_pool().submit(hasher.update, buf[done:done + n])
+            elif hasher is not None:
+                hasher.update(buf[done:done + n])
+            done += n
+    finally:
+        if pending is not None:
+            pending.result()

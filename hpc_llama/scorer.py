@@ -1,0 +1,160 @@
+"""Scoring one step of documents across all ranks: tokenize, plan, run, gather to rank 0.
+
+Every rank sees the same documents and computes the same plan (windows,
+calls, rounds) from them, so no plan travels over the network: each replica
+runs its own calls, and only token ids (after tokenizing in parallel) and
+results (gathered to rank 0) are exchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import ParallelConfig, ScoreConfig
+from .errors import HpcLlamaError
+from .mpi_utils import allgather_array, gather_array
+from .partition import stage_and_replica
+from .scoring import Window, call_tensors, dummy_call, plan_calls, replica_rounds, rolling_windows, score_head
+
+
+@dataclass
+class StepResult:
+    """Rank 0's view of one step: per-document totals in step order, plus bookkeeping."""
+
+    loglik: np.ndarray
+    n_tokens: np.ndarray
+    token_logprobs: list[np.ndarray] | None
+    positions: int
+    """Padded token positions the model computed (real + padding)."""
+    real_positions: int
+
+
+class Scorer:
+    """This rank's part of a scoring job: a local model (one stage) or a DeepSpeed pipeline stage."""
+
+    def __init__(self, reader, tokenizer, info, comm, parallel: ParallelConfig, cfg: ScoreConfig):
+        from .pipeline import build_pipeline, resolve_dtype, stage_plans
+
+        self.reader, self.tokenizer, self.info, self.comm, self.cfg = reader, tokenizer, info, comm, cfg
+        mcfg = reader.config
+        self.context = cfg.context or mcfg.max_seq_len
+        if self.context > mcfg.max_seq_len:
+            raise HpcLlamaError(f"context {self.context} exceeds the model's {mcfg.max_seq_len} tokens")
+        self.stride = cfg.stride or self.context
+        if self.stride > self.context:
+            raise HpcLlamaError(f"stride {self.stride} is larger than the context {self.context}")
+        self.pp = parallel.pp
+        self.dp = info.world_size // parallel.pp
+        self.stage, self.replica = stage_and_replica(info.rank, info.world_size, parallel.pp)
+        self.micro_batches = cfg.micro_batches or (2 * parallel.pp if parallel.pp > 1 else 1)
+        self.bos = mcfg.bos_id if cfg.add_bos else None
+        self.dtype = resolve_dtype(parallel.dtype, info.device)
+        if parallel.pp == 1:
+            # One stage holds the whole model: no pipeline engine, no torch.distributed.
+            from .checkpoint import load_slice
+
+            self.engine, self.model, self.last = None, load_slice(reader, device=info.device, dtype=self.dtype), True
+        else:
+            self.engine, plan, _ = build_pipeline(reader, info, parallel, micro_batch=1, head_fn=score_head,
+                                                  dtype=self.dtype)
+            self.model, self.last = None, plan.head
+        self.plans = stage_plans(mcfg, parallel)
+
+    # --- tokenizing ----------------------------------------------------------
+
+    def sequences(self, docs) -> list[np.ndarray]:
+        """Token sequences of a step's documents (BOS first for text), tokenized in parallel across ranks."""
+        size = self.info.world_size
+        mine = [j for j in range(len(docs)) if j % size == self.info.rank]
+        texts = [docs[j].text for j in mine if docs[j].text is not None]
+        encoded = iter(self.tokenizer.encode_batch(texts)) if texts else iter(())
+        seqs = []
+        for j in mine:
+            d = docs[j]
+            ids = list(d.input_ids) if d.text is None else ([self.bos] if self.bos is not None else []) + next(encoded)
+            seqs.append(np.asarray(ids, dtype=np.int32))
+        lengths = allgather_array(self.comm, np.array([len(s) for s in seqs], dtype=np.int64))
+        flat = allgather_array(self.comm, np.concatenate(seqs) if seqs else np.zeros(0, np.int32))
+        out: list = [None] * len(docs)
+        for r in range(size):
+            parts = np.split(flat[r], np.cumsum(lengths[r])[:-1]) if len(lengths[r]) else []
+            for j, part in zip(range(r, len(docs), size), parts):
+                out[j] = part
+        return out
+
+    # --- running -------------------------------------------------------------
+
+    def _forward(self, batches):
+        if self.engine is None:
+            with torch.inference_mode():
+                return [score_head(self.model, self.model.trunk(b[0], b[1]), b) for b in batches]
+        from .pipeline import eval_batches
+
+        return eval_batches(self.engine, batches)
+
+    def score_step(self, docs) -> StepResult | None:
+        """Score a step's documents; rank 0 gets the per-document results, others None."""
+        seqs = self.sequences(docs)
+        windows = [Window(d, *w) for d, s in enumerate(seqs) for w in rolling_windows(len(s), self.context, self.stride)]
+        calls = plan_calls([w.length for w in windows], self.cfg.tokens_per_batch, self.cfg.max_batch, self.micro_batches)
+        ids, ll, lps, lp_len = [], [], [], []
+        positions = real = 0
+        for round_ in replica_rounds(len(calls), self.dp):
+            mine = round_[self.replica]
+            if mine is None:
+                self._forward(dummy_call(self.info.device))
+                continue
+            call = calls[mine]
+            outs = self._forward(call_tensors(call, windows, seqs, self.info.device))
+            if not self.last:
+                continue
+            positions += call.positions
+            real += sum(windows[w].length for row in call.rows for w in row)
+            for row_ids, (loglik, token_lp) in zip(call.rows, outs):
+                loglik, token_lp = loglik.cpu().numpy(), token_lp.float().cpu().numpy()
+                for b, wid in enumerate(row_ids):
+                    w = windows[wid]
+                    ids.append(wid)
+                    ll.append(loglik[b])
+                    if self.cfg.token_logprobs:
+                        lps.append(token_lp[b, w.length - w.n_scored:w.length])
+                        lp_len.append(w.n_scored)
+        # Only the last stage of each replica has results; one gather brings them to rank 0.
+        g_ids = gather_array(self.comm, np.array(ids, dtype=np.int64))
+        g_ll = gather_array(self.comm, np.array(ll, dtype=np.float64))
+        g_len = gather_array(self.comm, np.array(lp_len, dtype=np.int64))
+        g_lp = gather_array(self.comm, np.concatenate(lps).astype(np.float32) if lps else np.zeros(0, np.float32))
+        counts = gather_array(self.comm, np.array([positions, real], dtype=np.int64))
+        if g_ids is None:
+            return None
+        return self._merge(docs, seqs, windows, g_ids, g_ll, g_len, g_lp, counts)
+
+    def _merge(self, docs, seqs, windows, g_ids, g_ll, g_len, g_lp, counts) -> StepResult:
+        n = len(docs)
+        ids = np.concatenate(g_ids)
+        if len(ids) != len(windows) or len(set(ids.tolist())) != len(windows):
+            raise HpcLlamaError(f"internal: {len(ids)} window results for {len(windows)} windows")
+        window_ll = np.empty(len(windows), np.float64)
+        window_ll[ids] = np.concatenate(g_ll)
+        loglik = np.zeros(n, np.float64)
+        n_tokens = np.array([max(len(s) - 1, 0) for s in seqs], dtype=np.int64)
+        # Windows are summed in their own order, so a document's total never
+        # depends on which replica scored which window.
+        for wid, w in enumerate(windows):
+            loglik[w.doc] += window_ll[wid]
+        token_logprobs = None
+        if self.cfg.token_logprobs:
+            pieces: list = [None] * len(windows)
+            for r_ids, r_len, r_lp in zip(g_ids, g_len, g_lp):
+                for wid, part in zip(r_ids, np.split(r_lp, np.cumsum(r_len)[:-1]) if len(r_len) else []):
+                    pieces[wid] = part
+            token_logprobs = [[] for _ in range(n)]
+            for wid, w in enumerate(windows):
+                token_logprobs[w.doc].append(pieces[wid])
+            token_logprobs = [np.concatenate(p) if p else np.zeros(0, np.float32) for p in token_logprobs]
+        totals = np.sum(counts, axis=0)
+        return StepResult(loglik, n_tokens, token_logprobs, int(totals[0]), int(totals[1]))
+

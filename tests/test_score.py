@@ -1,0 +1,300 @@
+"""`hpc-llama score` end to end: reference parity, layout invariance, resume, formats, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BIN, MPIRUN, ROOT, run_cli, run_mpi
+from test_scoring_plan import lm_eval_windows
+
+CONTEXT, STRIDE = 32, 24
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_dirs, tokenizer_json, tmp_path_factory):
+    """The llama3-style random HF model with a real tokenizer beside it, read in place."""
+    d = tmp_path_factory.mktemp("score") / "hf"
+    shutil.copytree(hf_dirs["llama3"], d)
+    shutil.copy(tokenizer_json, d / "tokenizer.json")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def mixed_docs(tmp_path_factory):
+    """Short, long (many windows), empty, unicode, whitespace-only, and token-id documents."""
+    import glob
+
+    src = "".join(open(p).read() for p in sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:5])
+    rng = np.random.default_rng(0)
+    docs = []
+    for i in range(24):
+        n = int(rng.choice([3, 20, 80, 400, 1500]))
+        s = int(rng.integers(0, len(src) - n))
+        docs.append({"id": f"doc{i}", "text": src[s:s + n]})
+    docs += [{"id": "empty", "text": ""}, {"id": "space", "text": "   "},
+             {"id": "unicode", "text": "naïve café — 日本語のテキスト 🚀✨ Ελληνικά"},
+             {"id": 7, "input_ids": [5, 17, 300, 2, 99, 1, 42] * 9}, {"text": "no id here"}]
+    return write_jsonl(tmp_path_factory.mktemp("docs") / "docs.jsonl", docs)
+
+
+def reference_scores(model_dir, docs_path, context, stride):
+    """The same definition computed with plain transformers and the tokenizers library."""
+    from tokenizers import Tokenizer
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    bos = model.config.bos_token_id
+    out = []
+    for d in read_jsonl(docs_path):
+        seq = d["input_ids"] if "input_ids" in d else [bos] + tok.encode(d["text"], add_special_tokens=False).ids
+        total, n = 0.0, 0
+        for start, length, n_scored in lm_eval_windows(len(seq), context, context - stride + 1):
+            x = torch.tensor([seq[start:start + length]])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(x).logits[0].double(), dim=-1)
+            targets = seq[start + 1:start + length + 1]
+            for j in range(length - n_scored, length):
+                total += lp[j, targets[j]].item()
+                n += 1
+        out.append((n, total))
+    return out
+
+
+def score(n, model, docs, out, *extra, pp=1, check=True):
+    args = ["score", "--model", model, "--input", docs, "--output", out, "--pp", pp,
+            "--context", CONTEXT, "--stride", STRIDE, "--quiet", *extra]
+    if n == 1:
+        return run_cli(*args, check=check)
+    return run_mpi(n, os.path.join(BIN, "hpc-llama"), *args, check=check)
+
+
+def test_loglik_matches_plain_transformers(model_dir, mixed_docs, tmp_path):
+    score(1, model_dir, mixed_docs, tmp_path / "s.jsonl")
+    got = read_jsonl(tmp_path / "s.jsonl")
+    want = reference_scores(model_dir, mixed_docs, CONTEXT, STRIDE)
+    assert [r["index"] for r in got] == list(range(len(want)))
+    worst = 0.0
+    for r, (n, ll) in zip(got, want):
+        assert r["n_tokens"] == n
+        worst = max(worst, abs(r["loglik"] - ll))
+        if n:
+            assert r["ppl"] == pytest.approx(np.exp(-r["loglik"] / n))
+        else:
+            assert r["loglik"] == 0.0 and r["ppl"] is None
+    print(f"max |loglik - reference| = {worst:.2e} over {len(want)} documents")
+    assert worst <= 1e-4
+    by_id = {r["id"]: r for r in got}
+    assert by_id["empty"]["n_tokens"] == 0 and by_id[7]["n_tokens"] == 62 and got[-1]["id"] is None
+    assert max(r["n_tokens"] for r in got) > 4 * CONTEXT  # long documents really took several windows
+
+
+@pytest.fixture(scope="module")
+def layout_docs(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    docs = [{"id": i, "input_ids": rng.integers(0, 320, int(n)).tolist()}
+            for i, n in enumerate(rng.choice([1, 2, 5, 9, 31, 32, 33, 70, 250], size=60))]
+    return write_jsonl(tmp_path_factory.mktemp("layout") / "docs.jsonl", docs)
+
+
+@pytest.mark.parametrize("n, pp", [(2, 2), (2, 1), (4, 2), (4, 4)])
+def test_same_records_for_every_layout(model_dir, layout_docs, tmp_path, n, pp):
+    base = tmp_path / "one.jsonl"
+    score(1, model_dir, layout_docs, base, "--set", "score.chunk_docs=16")
+    score(n, model_dir, layout_docs, tmp_path / "many.jsonl", "--set", "score.chunk_docs=16", pp=pp)
+    a, b = read_jsonl(base), read_jsonl(tmp_path / "many.jsonl")
+    assert [(r["index"], r["id"], r["n_tokens"]) for r in a] == [(r["index"], r["id"], r["n_tokens"]) for r in b]
+    assert max(abs(x["loglik"] - y["loglik"]) for x, y in zip(a, b)) <= 1e-4
+    summary = json.load(open(str(tmp_path / "many.jsonl") + ".summary.json"))
+    assert summary["layout"] == {"ranks": n, "pp": pp, "dp": n // pp, "device": "cpu", "dtype": "float32"}
+
+
+def test_parquet_and_hdf5_hold_the_same_records(model_dir, mixed_docs, tmp_path):
+    import h5py
+    import pyarrow.parquet as pq
+
+    score(1, model_dir, mixed_docs, tmp_path / "s.jsonl", "--token-logprobs")
+    score(1, model_dir, mixed_docs, tmp_path / "s.parquet", "--token-logprobs")
+    score(1, model_dir, mixed_docs, tmp_path / "s.h5", "--token-logprobs")
+    ref = read_jsonl(tmp_path / "s.jsonl")
+    table = pq.read_table(tmp_path / "s.parquet").to_pylist()
+    assert [r["index"] for r in table] == [r["index"] for r in ref]
+    for a, b in zip(ref, table):
+        assert a["loglik"] == b["loglik"] and a["n_tokens"] == b["n_tokens"]
+        assert np.allclose(a["token_logprobs"], b["token_logprobs"]) and len(a["token_logprobs"]) == a["n_tokens"]
+        assert (a["id"] is None and b["id"] is None) or str(a["id"]) == b["id"]
+    with h5py.File(tmp_path / "s.h5") as f:
+        assert f["loglik"][:].tolist() == [r["loglik"] for r in ref]
+        off = f["token_offsets"][:]
+        k = 3
+        assert np.allclose(f["token_logprobs"][off[k]:off[k + 1]], ref[k]["token_logprobs"])
+        assert np.isnan(f["ppl"][[r["id"] for r in ref].index("empty")])
+    # The token log-probabilities add up to the document's log-likelihood.
+    assert all(abs(sum(r["token_logprobs"]) - r["loglik"]) < 1e-3 for r in ref)
+
+
+def test_text_files_directories_and_globs(model_dir, tmp_path):
+    d = tmp_path / "texts"
+    d.mkdir()
+    for i, text in enumerate(["first document", "second one, longer " * 5, ""]):
+        (d / f"{i:02d}.txt").write_text(text)
+    score(1, model_dir, str(d), tmp_path / "dir.jsonl")
+    score(1, model_dir, str(d / "*.txt"), tmp_path / "glob.jsonl")
+    a = read_jsonl(tmp_path / "dir.jsonl")
+    assert [r["id"] for r in a] == [str(d / f"{i:02d}.txt") for i in range(3)]
+    assert a == read_jsonl(tmp_path / "glob.jsonl")
+    assert a[2]["n_tokens"] == 0
+
+
+def test_progress_bar_on_rank_0_only_and_quiet_mode(model_dir, layout_docs, tmp_path):
+    args = ["score", "--model", model_dir, "--input", layout_docs]
+    p = run_mpi(2, os.path.join(BIN, "hpc-llama"), *args, "--output", tmp_path / "a.jsonl", check=True)
+    assert p.stderr.count("60/60") >= 1 and "hpc-llama [rank 0]: scored 60 documents" in p.stderr
+    assert "[rank 1]" not in p.stderr
+    p = run_mpi(2, os.path.join(BIN, "hpc-llama"), *args, "--output", tmp_path / "b.jsonl", "--quiet", check=True)
+    assert p.stderr == "" and p.stdout == ""
+
+
+# --- resume -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def many_docs(tmp_path_factory):
+    rng = np.random.default_rng(2)
+    docs = [{"id": f"r{i}", "input_ids": rng.integers(0, 320, int(n)).tolist()}
+            for i, n in enumerate(rng.integers(5, 120, size=3000))]
+    return write_jsonl(tmp_path_factory.mktemp("resume") / "docs.jsonl", docs)
+
+
+def _rank_processes(proc):
+    import psutil
+
+    return [c for c in psutil.Process(proc.pid).children(recursive=True)
+            if "score" in " ".join(c.cmdline())]
+
+
+def _kill_midway(cmd, journal, how):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    deadline = time.monotonic() + 120
+    steps = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            steps = json.load(open(journal))["state"]["steps"]
+        except (OSError, ValueError, KeyError):
+            steps = 0
+        if steps >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None and steps >= 3, "the job finished before it could be interrupted"
+    ranks = _rank_processes(proc)
+    assert len(ranks) == 2
+    if how == "kill-one":
+        ranks[1].send_signal(signal.SIGKILL)
+    else:
+        for r in ranks:
+            r.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    return steps
+
+
+@pytest.mark.parametrize("how", ["kill-one", "term-all"])
+def test_killed_job_resumes_to_byte_identical_output(model_dir, many_docs, tmp_path, how):
+    common = ["--model", model_dir, "--input", many_docs, "--pp", "2", "--context", CONTEXT,
+              "--set", "score.chunk_docs=40", "--quiet"]
+    run_mpi(2, os.path.join(BIN, "hpc-llama"), "score", *common, "--output", tmp_path / "whole.jsonl", check=True)
+    out = tmp_path / "resumed.jsonl"
+    cmd = [MPIRUN, "-n", "2", os.path.join(BIN, "hpc-llama"), "score", *map(str, common), "--output", str(out)]
+    _kill_midway(cmd, str(out) + ".journal.json", how)
+    assert not out.exists() and os.path.exists(str(out) + ".partial")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    assert not os.path.exists(str(out) + ".partial") and not os.path.exists(str(out) + ".journal.json")
+    summary = json.load(open(str(out) + ".summary.json"))
+    assert summary["resumed"] and summary["documents"] == 3000
+
+
+def test_a_changed_input_is_refused_not_mixed_in(model_dir, many_docs, tmp_path):
+    docs = shutil.copy(many_docs, tmp_path / "docs.jsonl")
+    out = tmp_path / "s.jsonl"
+    common = ["--model", model_dir, "--input", str(docs), "--pp", "2", "--context", str(CONTEXT),
+              "--set", "score.chunk_docs=40", "--quiet", "--output", str(out)]
+    _kill_midway([MPIRUN, "-n", "2", os.path.join(BIN, "hpc-llama"), "score", *common], str(out) + ".journal.json", "kill-one")
+    partial = open(str(out) + ".partial", "rb").read()
+    with open(docs, "a") as f:
+        f.write(json.dumps({"id": "late", "text": "added after the job started"}) + "\n")
+    p = run_mpi(2, os.path.join(BIN, "hpc-llama"), "score", *common)
+    assert p.returncode != 0 and "hpc-llama: [rank 0] error:" in p.stderr
+    assert "belongs to a job with a different inputs" in p.stderr
+    assert open(str(out) + ".partial", "rb").read() == partial and not out.exists()
+
+
+def test_twenty_thousand_documents_under_two_ranks(model_dir, tmp_path):
+    docs = write_jsonl(tmp_path / "docs.jsonl", ({"id": i, "text": f"document number {i} says hi"} for i in range(20000)))
+    out = tmp_path / "s.jsonl"
+    run_mpi(2, os.path.join(BIN, "hpc-llama"), "score", "--model", model_dir, "--input", docs, "--output", out,
+            "--pp", "2", "--quiet", check=True, timeout=400)
+    ids = [json.loads(line)["id"] for line in open(out)]
+    assert ids == list(range(20000))
+    summary = json.load(open(str(out) + ".summary.json"))
+    assert summary["documents"] == 20000 and summary["padding_waste"] < 0.2
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+def _bad(tmp_path, name, content: bytes):
+    p = tmp_path / name
+    p.write_bytes(content)
+    return str(p)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b'{"text": "fine"}\n{"text": "broken\n', "bad.jsonl:2: invalid JSON"),
+    (b'{"text": "fine"}\n\n{"body": "no text"}\n', "bad.jsonl:3: no 'text' field"),
+    (b'{"text": "fine"}\n{"text": "\xff\xfe"}\n', "bad.jsonl:2: not valid UTF-8"),
+    (b'{"input_ids": [1, 2, 99999]}\n', "bad.jsonl:1: input_ids contains 99999, outside the vocabulary (0..319)"),
+    (b'\n\n', "no documents in"),
+])
+def test_bad_documents_fail_with_file_and_line(model_dir, tmp_path, content, needle):
+    from test_checkpoint import one_line_error
+
+    docs = _bad(tmp_path, "bad.jsonl", content)
+    before = sorted(os.listdir(tmp_path))
+    one_line_error(run_cli("score", "--model", model_dir, "--input", docs, "--output", tmp_path / "out.jsonl"), needle)
+    assert sorted(os.listdir(tmp_path)) == before  # no output, no partial, no journal
+
+
+def test_existing_output_and_missing_tokenizer_are_refused(model_dir, hf_dirs, mixed_docs, tmp_path):
+    from test_checkpoint import one_line_error
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("keep me\n")
+    one_line_error(run_cli("score", "--model", model_dir, "--input", mixed_docs, "--output", out),
+                   "already exists (use --overwrite")
+    assert out.read_text() == "keep me\n"
+    one_line_error(run_cli("score", "--model", hf_dirs["llama3"], "--input", mixed_docs, "--output", tmp_path / "o2.jsonl"),
+                   "has no tokenizer.json")
+    run_cli("score", "--model", model_dir, "--input", mixed_docs, "--output", out, "--overwrite", "--quiet", check=True)
+    assert len(read_jsonl(out)) == len(read_jsonl(mixed_docs))

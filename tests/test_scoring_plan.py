@@ -1,0 +1,105 @@
+"""Table tests of the scoring arithmetic: rolling windows, calls, rounds. No model, no MPI."""
+
+import pytest
+
+from hpc_llama.scoring import plan_calls, replica_rounds, rolling_windows
+
+
+def lm_eval_windows(n, max_seq_len, context_len):
+    """lm-eval-harness's get_rolling_token_windows, over positions of S = [prefix] + tokens.
+
+    Written from its documented behaviour: the first window predicts the first
+    max_seq_len tokens from the prefix; each later one predicts up to
+    max_seq_len - context_len + 1 new tokens from the max_seq_len before them.
+    Returns (start, length, n_scored) in S coordinates.
+    """
+    tokens = n - 1
+    if tokens <= 0:
+        return []
+    pred_len = max_seq_len - context_len + 1
+    first = min(max_seq_len, tokens)
+    out, predicted = [(0, first, first)], first
+    while predicted < tokens:
+        window_pred = min(tokens - predicted, pred_len)
+        end = predicted + window_pred  # in token coordinates; S index = end
+        start = max(0, end - max_seq_len)
+        out.append((start, end - start, window_pred))
+        predicted += window_pred
+    return out
+
+
+@pytest.mark.parametrize("n, context, stride, windows", [
+    (0, 4, 4, []),
+    (1, 4, 4, []),                                      # BOS alone: nothing to score
+    (2, 4, 4, [(0, 1, 1)]),
+    (5, 4, 4, [(0, 4, 4)]),                             # exactly one full window
+    (6, 4, 4, [(0, 4, 4), (1, 4, 1)]),                  # the last window keeps 3 tokens of history
+    (10, 4, 4, [(0, 4, 4), (4, 4, 4), (5, 4, 1)]),
+    (10, 4, 2, [(0, 4, 4), (2, 4, 2), (4, 4, 2), (5, 4, 1)]),
+    (10, 4, 1, [(0, 4, 4)] + [(s, 4, 1) for s in range(1, 6)]),
+])
+def test_rolling_windows(n, context, stride, windows):
+    assert rolling_windows(n, context, stride) == windows
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 50, 101])
+@pytest.mark.parametrize("context, stride", [(1, 1), (4, 4), (4, 3), (8, 1), (8, 5), (16, 16)])
+def test_every_target_scored_once_with_enough_history(n, context, stride):
+    seen = []
+    for start, length, n_scored in rolling_windows(n, context, stride):
+        assert 1 <= n_scored <= length <= context
+        targets = range(start + length - n_scored + 1, start + length + 1)
+        for t in targets:
+            # target t is predicted from S[max(0, t-context) .. t-1] at least
+            assert t - start >= min(t, context - stride + 1) or start == 0
+        seen.extend(targets)
+    assert seen == list(range(1, n))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 17, 64, 65, 200])
+@pytest.mark.parametrize("context, stride", [(16, 16), (16, 8), (16, 1), (4, 4)])
+def test_windows_are_lm_eval_rolling_windows(n, context, stride):
+    assert rolling_windows(n, context, stride) == lm_eval_windows(n, context, context - stride + 1)
+
+
+def test_stride_outside_the_context_is_refused():
+    with pytest.raises(ValueError):
+        rolling_windows(10, 4, 5)
+    with pytest.raises(ValueError):
+        rolling_windows(10, 4, 0)
+
+
+@pytest.mark.parametrize("lengths, tpb, max_batch, m, shapes", [
+    ([5, 3, 8, 1], 16, 8, 1, [(2, 8, 1), (2, 3, 1)]),          # longest first; B = 16 // T, shrunk to what is left
+    ([5, 3, 8, 1], 100, 2, 1, [(2, 8, 1), (2, 3, 1)]),         # max_batch caps B
+    ([5, 3, 8, 1], 4, 8, 1, [(1, 8, 1), (1, 5, 1), (1, 3, 1), (1, 1, 1)]),  # never fewer than one row
+    ([4] * 7, 8, 8, 2, [(2, 4, 2), (2, 4, 1), (1, 4, 1)]),     # whole micro-batches; the rest its own call
+    ([10, 9, 4, 4, 3, 1], 20, 8, 4, [(2, 10, 1), (4, 4, 1)]),  # a call stops before much shorter windows
+])
+def test_plan_calls_shapes(lengths, tpb, max_batch, m, shapes):
+    calls = plan_calls(lengths, tpb, max_batch, m)
+    assert [(c.batch, c.length, len(c.rows)) for c in calls] == shapes
+    placed = [w for c in calls for row in c.rows for w in row]
+    assert sorted(placed) == list(range(len(lengths)))   # every window exactly once, no padding rows
+    for c in calls:
+        assert all(len(row) == c.batch for row in c.rows)
+        assert all(lengths[w] <= c.length for row in c.rows for w in row)
+
+
+def test_plan_calls_keeps_padding_small_for_mixed_lengths():
+    import random
+
+    rng = random.Random(0)
+    lengths = [max(1, int(rng.lognormvariate(4, 1))) for _ in range(500)]
+    calls = plan_calls(lengths, 2048, 64, 2)
+    waste = 1 - sum(lengths) / sum(c.positions for c in calls)
+    assert waste < 0.12
+    unbucketed = sum(max(lengths[i:i + 37]) * len(lengths[i:i + 37]) for i in range(0, 500, 37))
+    assert sum(c.positions for c in calls) < 0.5 * unbucketed  # against batches in input order
+
+
+@pytest.mark.parametrize("n, dp, rounds", [
+    (0, 2, []), (3, 1, [[0], [1], [2]]), (3, 2, [[0, 1], [2, None]]), (4, 2, [[0, 1], [2, 3]]),
+])
+def test_replica_rounds(n, dp, rounds):
+    assert replica_rounds(n, dp) == rounds

@@ -112,7 +112,7 @@ base = status("VmRSS")
 if stage < 0:
     m = load_slice(r)
 else:
-    p = stage_plans(r.config, ParallelConfig(pp=pp))[stage]
+    p = stage_plans(r.config, ParallelConfig(pp=pp, partition="balanced"))[stage]
     m = load_slice(r, p.layers, p.embed, p.head)
 peak = status("VmHWM")
 print(json.dumps({"growth": peak - base, "params_bytes": sum(t.nbytes for t in m.parameters())}))
@@ -146,7 +146,7 @@ def bench_config(name: str, pp: int, repeat: int) -> dict:
             cold_ok = False
         whole = rss_growth(path, pp, -1)
         stages = []
-        for plan in stage_plans(cfg, ParallelConfig(pp=pp)):
+        for plan in stage_plans(cfg, ParallelConfig(pp=pp, partition="balanced")):
             row = {"stage": plan.stage, "layers": [plan.layers.start, plan.layers.stop],
                    "warm": time_stage(path, plan, repeat, cold=False)}
             if cold_ok:

@@ -27,8 +27,8 @@ class ParallelConfig:
 
     pp: int = 1
     """Pipeline stages; the data-parallel degree is the number of ranks divided by this."""
-    partition: str = "balanced"
-    """How layers are split over stages: uniform (same layer count) or balanced (same parameter count, embedding and head included)."""
+    partition: str = "compute"
+    """How layers are split over stages: compute (same forward work: layers and head), balanced (same parameter count, embedding and head included: memory), or uniform (same layer count)."""
     dtype: str = "auto"
     """Compute dtype: fp32, bf16, or auto (bf16 on GPUs that support it, fp32 otherwise)."""
     timeout_s: float = 600.0
@@ -37,8 +37,8 @@ class ParallelConfig:
     def __post_init__(self):
         if self.pp < 1:
             raise ValueError(f"pp must be at least 1, got {self.pp}")
-        if self.partition not in ("uniform", "balanced"):
-            raise ValueError(f"partition must be uniform or balanced, got {self.partition!r}")
+        if self.partition not in ("compute", "balanced", "uniform"):
+            raise ValueError(f"partition must be compute, balanced or uniform, got {self.partition!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         if self.timeout_s <= 0:
@@ -64,7 +64,7 @@ class ScoreConfig:
     max_batch: int = 64
     """Most rows in one micro-batch."""
     micro_batches: int = 0
-    """Micro-batches per pipeline call; 0 means 2 per stage, so every stage has work while others do."""
+    """Micro-batches per pipeline call; 0 means 4 per stage, so stages overlap and the pipeline bubble stays small."""
     chunk_docs: int = 2048
     """Documents read, scored and written per step; a resumed job restarts at a step boundary."""
     chunk_chars: int = 8_000_000

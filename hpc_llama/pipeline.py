@@ -24,10 +24,20 @@ from .runtime import RankInfo
 
 
 def stage_plans(cfg: ModelConfig, parallel: ParallelConfig) -> list[StagePlan]:
-    """Every stage's share of the model, balanced by parameters (embedding and head counted) or uniform."""
+    """Every stage's share of the model.
+
+    uniform: the same number of layers; balanced: the same number of
+    parameters, embedding and head counted (memory); compute: the same
+    forward work per token -- a layer's matmuls and the head's, while the
+    embedding, a table lookup, costs nothing.
+    """
+    head = embedding_params(cfg) + cfg.dim
     try:
+        if parallel.partition == "compute":
+            return layer_partition(cfg.n_layers, parallel.pp, "balanced", layer_param_counts(cfg),
+                                   embed_cost=0, head_cost=head)
         return layer_partition(cfg.n_layers, parallel.pp, parallel.partition, layer_param_counts(cfg),
-                               embed_cost=embedding_params(cfg), head_cost=embedding_params(cfg) + cfg.dim)
+                               embed_cost=embedding_params(cfg), head_cost=head)
     except ValueError as e:
         raise HpcLlamaError(str(e)) from None
 

@@ -8,6 +8,7 @@ results (gathered to rank 0) are exchanged.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from .config import ParallelConfig, ScoreConfig
 from .errors import HpcLlamaError
 from .mpi_utils import allgather_array, gather_array
 from .partition import stage_and_replica
+from .procstats import bytes_read, peak_rss
 from .scoring import Window, call_tensors, dummy_call, plan_calls, replica_rounds, rolling_windows, score_head
 
 
@@ -49,9 +51,10 @@ class Scorer:
         self.pp = parallel.pp
         self.dp = info.world_size // parallel.pp
         self.stage, self.replica = stage_and_replica(info.rank, info.world_size, parallel.pp)
-        self.micro_batches = cfg.micro_batches or (2 * parallel.pp if parallel.pp > 1 else 1)
+        self.micro_batches = cfg.micro_batches or (4 * parallel.pp if parallel.pp > 1 else 1)
         self.bos = mcfg.bos_id if cfg.add_bos else None
         self.dtype = resolve_dtype(parallel.dtype, info.device)
+        read_before, t0 = bytes_read(), time.perf_counter()
         if parallel.pp == 1:
             # One stage holds the whole model: no pipeline engine, no torch.distributed.
             from .checkpoint import load_slice
@@ -61,7 +64,15 @@ class Scorer:
             self.engine, plan, _ = build_pipeline(reader, info, parallel, micro_batch=1, head_fn=score_head,
                                                   dtype=self.dtype)
             self.model, self.last = None, plan.head
-        self.plans = stage_plans(mcfg, parallel)
+        plan = stage_plans(mcfg, parallel)[self.stage]
+        self.load_stats = {"rank": info.rank, "stage": self.stage, "replica": self.replica,
+                           "layers": [plan.layers.start, plan.layers.stop], "load_s": round(time.perf_counter() - t0, 3),
+                           "model_bytes_read": None if read_before is None else bytes_read() - read_before}
+
+    def rank_stats(self) -> list[dict] | None:
+        """Every rank's load statistics and peak memory, on rank 0."""
+        mine = dict(self.load_stats, peak_rss=peak_rss())
+        return self.comm.gather(mine, root=0) if self.comm is not None else [mine]
 
     # --- tokenizing ----------------------------------------------------------
 

@@ -60,32 +60,29 @@ class Call:
 
 
 def plan_calls(lengths: list[int], tokens_per_batch: int, max_batch: int, micro_batches: int,
-               min_fill: float = 0.75) -> list[Call]:
+               min_fill: float = 0.85) -> list[Call]:
     """Bucket windows of the given lengths into calls, longest first, to keep padding small.
 
     A call's micro-batches share one shape (B, T): T is the longest window in
     the call and B = min(max_batch, tokens_per_batch // T), at least 1. A call
     takes up to B x micro_batches windows in whole micro-batches, and stops
-    early at a window shorter than `min_fill` x T, so a call never pads short
-    windows to a much longer one. Rows are never padding.
+    at the first window shorter than `min_fill` x T (B shrinking if it must),
+    so no row is padded by more than 1 - min_fill. Rows are never padding.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     calls, at = [], 0
     while at < len(order):
         T = lengths[order[at]]
-        B = max(1, min(max_batch, tokens_per_batch // max(T, 1)))
-        end = min(at + B * micro_batches, len(order))
-        for k in range(at + B, end):
+        end = min(at + max(1, min(max_batch, tokens_per_batch // max(T, 1))) * micro_batches, len(order))
+        for k in range(at + 1, end):
             if lengths[order[k]] < min_fill * T:
                 end = k
                 break
-        # Whole micro-batches only; what is left (fewer than B windows) becomes
-        # a call of its own with as many rows as it needs.
-        whole = at + B * ((end - at) // B)
-        end = whole if whole > at else end
-        take = order[at:end]
-        at = end
-        B = min(B, len(take))
+        # B rows fill the token budget but never reach past the cut; the call
+        # takes whole micro-batches, and what is left starts the next call.
+        B = min(max(1, min(max_batch, tokens_per_batch // max(T, 1))), end - at)
+        take = order[at:at + B * ((end - at) // B)]
+        at += len(take)
         rows = tuple(tuple(take[m:m + B]) for m in range(0, len(take), B))
         calls.append(Call(B, T, rows))
     return calls

@@ -16,6 +16,7 @@ from hpc_llama.checkpoint.hf import to_hf_name, write_hf
 from hpc_llama.cli import _main as cli
 from hpc_llama.errors import HpcLlamaError
 from hpc_llama.partition import layer_partition
+from hpc_llama.procstats import bytes_read
 
 from conftest import make_hf_model
 
@@ -130,12 +131,6 @@ def test_checkpoint_reads_the_same_at_every_pipeline_degree(hf_dirs, tmp_path):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
-def _io_read_bytes() -> int:
-    # rchar: bytes this process asked read()/pread() for -- page cache or not.
-    with open("/proc/self/io") as f:
-        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
-
-
 def test_one_stage_of_four_reads_only_its_own_bytes(tmp_path):
     # A model big enough that the measured reads are dominated by tensors.
     cli(["init", "--config", "bench-100m", "--set", "model.n_layers=8", "--set", "model.vocab_size=8000",
@@ -146,9 +141,9 @@ def test_one_stage_of_four_reads_only_its_own_bytes(tmp_path):
         names = slice_sources(reader, plan.layers, plan.embed, plan.head)
         expected = sum(reader.info(n).nbytes for n in names)
         fresh = open_checkpoint(str(tmp_path / "m.h5"))
-        before = _io_read_bytes()
+        before = bytes_read()
         model = load_slice(fresh, plan.layers, plan.embed, plan.head)
-        read = _io_read_bytes() - before
+        read = bytes_read() - before
         fresh.close()
         header = 64 << 10
         print(f"stage {plan.stage}: read {read} bytes for {expected} bytes of tensors "

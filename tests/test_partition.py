@@ -113,3 +113,13 @@ def test_shard_range_covers_everything_once(n, size, ranges):
 ])
 def test_plan_shards(sizes, cap, plan):
     assert plan_shards(sizes, cap) == plan
+
+
+def test_compute_split_counts_the_head_but_not_the_embedding():
+    from hpc_llama.config import ParallelConfig, load_sections
+    from hpc_llama.pipeline import stage_plans
+
+    cfg = load_sections("bench-100m")["model"]  # tied 32K vocabulary: the head is ~5 layers of work
+    sizes = {m: [len(p.layers) for p in stage_plans(cfg, ParallelConfig(pp=2, partition=m))]
+             for m in ("compute", "balanced", "uniform")}
+    assert sizes == {"compute": [15, 9], "balanced": [12, 12], "uniform": [12, 12]}

@@ -298,3 +298,27 @@ def test_existing_output_and_missing_tokenizer_are_refused(model_dir, hf_dirs, m
                    "has no tokenizer.json")
     run_cli("score", "--model", model_dir, "--input", mixed_docs, "--output", out, "--overwrite", "--quiet", check=True)
     assert len(read_jsonl(out)) == len(read_jsonl(mixed_docs))
+
+
+def test_each_rank_reads_only_its_own_layers(tmp_path):
+    from hpc_llama.checkpoint import open_checkpoint, slice_sources
+    from hpc_llama.config import ParallelConfig
+    from hpc_llama.pipeline import stage_plans
+
+    model = tmp_path / "m.h5"
+    run_cli("init", "--config", "bench-100m", "--set", "model.n_layers=8", "--set", "model.vocab_size=8000",
+            "--set", "model.tie_embeddings=false", model, check=True)
+    docs = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": list(range(3, 40))}] * 8)
+    out = tmp_path / "s.jsonl"
+    run_mpi(4, os.path.join(BIN, "hpc-llama"), "score", "--model", model, "--input", docs, "--output", out,
+            "--pp", "4", "--quiet", check=True)
+    ranks = json.load(open(str(out) + ".summary.json"))["ranks"]
+    reader = open_checkpoint(str(model))
+    plans = stage_plans(reader.config, ParallelConfig(pp=4))
+    total = sum(reader.info(n).nbytes for n in reader.names())
+    for r, plan in zip(ranks, plans):
+        own = sum(reader.info(n).nbytes for n in slice_sources(reader, plan.layers, plan.embed, plan.head))
+        assert r["layers"] == [plan.layers.start, plan.layers.stop]
+        print(f"rank {r['rank']}: read {r['model_bytes_read']} for {own} bytes of its slice ({total} in the model)")
+        assert own <= r["model_bytes_read"] <= own * 1.05 + (64 << 10)
+        assert r["model_bytes_read"] < total / 2

@@ -17,7 +17,7 @@ from __future__ import annotations
 def add_arguments(p):
     p.add_argument("--model", required=True, help="checkpoint: .h5, sharded directory or HF directory")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (ranks / pp data-parallel replicas)")
-    p.add_argument("--partition", choices=("balanced", "uniform"), default="balanced")
+    p.add_argument("--partition", choices=("compute", "balanced", "uniform"), default="compute")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="fp32")
     p.add_argument("--lengths", default="7,33,128", help="comma-separated sequence lengths to run")
     p.add_argument("--micro-batches", type=int, default=2, help="micro-batches per call (at least pp keeps stages busy)")

@@ -15,7 +15,7 @@ def add_arguments(p):
     p.add_argument("checkpoint", help=".h5 file, sharded HDF5 directory or HF model directory")
     p.add_argument("--verify", action="store_true", help="read every tensor and verify its checksum")
     p.add_argument("--pp", type=int, default=None, help="show the split over this many pipeline stages")
-    p.add_argument("--partition", choices=("balanced", "uniform"), default="balanced", help="stage split method")
+    p.add_argument("--partition", choices=("compute", "balanced", "uniform"), default="compute", help="stage split method")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
 
 

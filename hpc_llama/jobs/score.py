@@ -95,9 +95,10 @@ def run(args) -> int:
                 journal.commit(lines, {"tokens": int(result.n_tokens.sum()), "loglik": float(result.loglik.sum()),
                                        "positions": result.positions, "real_positions": result.real_positions})
                 progress.update(len(step), int(result.n_tokens.sum()))
+        ranks = scorer.rank_stats()
         if info.rank == 0:
             journal.finish(fmt, cfg.token_logprobs)
-            _write_summary(args, journal, files, parallel, info, scorer, time.time() - t_start, progress)
+            _write_summary(args, journal, files, parallel, info, scorer, time.time() - t_start, progress, ranks)
         progress.close()
         if comm is not None:
             comm.Barrier()
@@ -107,7 +108,7 @@ def run(args) -> int:
     return 0
 
 
-def _write_summary(args, journal, files, parallel, info, scorer, wall, progress) -> None:
+def _write_summary(args, journal, files, parallel, info, scorer, wall, progress, ranks) -> None:
     import json
     import math
     import os
@@ -126,6 +127,7 @@ def _write_summary(args, journal, files, parallel, info, scorer, wall, progress)
         "model": {"path": os.path.abspath(args.model), "fingerprint": journal.fingerprint["model"]},
         "inputs": [{"path": os.path.abspath(f.path), "bytes": f.size, "xxh3": f.xxh3, "documents": f.documents}
                    for f in files],
+        "ranks": ranks,
     }
     path = os.path.abspath(args.output) + ".summary.json"
     with open(path + ".tmp", "w") as f:

@@ -146,7 +146,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Linear(nn.Linear):
-    """nn.Linear that skips its random init on the meta device, where it would only cost time:
+    """nn.Linear that skips its random init on the meta device, where it would only cost time
+    (the first torch.nn.init call on a meta tensor imports torch._dynamo: about a second):
     a slice built there is filled from a checkpoint or by `init_weights` anyway."""
 
     def reset_parameters(self):
@@ -154,11 +155,19 @@ class Linear(nn.Linear):
             super().reset_parameters()
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that skips its random init on the meta device (as Linear does)."""
+
+    def reset_parameters(self):
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, device=None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x):
         # Normalise in fp32 whatever the weights' dtype, as the reference does.
@@ -187,14 +196,14 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
-        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
-        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias, device=device)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias, device=device)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias, device=device)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias, device=device)
 
     def forward(self, x, cos, sin, mask, positions, cache: KVCache | None):
         B, T, _ = x.shape
@@ -217,23 +226,23 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
-        self.w1 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)  # gate
-        self.w2 = Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)  # down
-        self.w3 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)  # up
+        self.w1 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias, device=device)  # gate
+        self.w2 = Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias, device=device)  # down
+        self.w3 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias, device=device)  # up
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
+        self.attention = Attention(cfg, device)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
+        self.feed_forward = FeedForward(cfg, device)
 
     def forward(self, x, cos, sin, mask, positions, cache=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, positions, cache)
@@ -243,19 +252,21 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """The whole model, or the slice of it given by `layer_ids`, `embed` and `head`.
 
+    `device="meta"` builds it without memory, to be filled from a checkpoint.
+
     The first slice takes token ids (B, T); a later one takes hidden states
     (B, T, dim). A slice with the head returns logits (B, T, vocab); any other
     returns hidden states.
     """
 
-    def __init__(self, cfg: ModelConfig, layer_ids=None, embed: bool = True, head: bool = True):
+    def __init__(self, cfg: ModelConfig, layer_ids=None, embed: bool = True, head: bool = True, device=None):
         super().__init__()
         self.cfg = cfg
         layer_ids = range(cfg.n_layers) if layer_ids is None else layer_ids
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim) if embed else None
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in layer_ids})
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if head else None
-        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False) if head else None
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim, device=device) if embed else None
+        self.layers = nn.ModuleDict({str(i): Block(cfg, device) for i in layer_ids})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, device) if head else None
+        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False, device=device) if head else None
         self.tie_weights()
 
     def tie_weights(self):

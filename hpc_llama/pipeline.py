@@ -76,7 +76,8 @@ class PipeStage(nn.Module):
 
 
 def build_pipeline(reader: CheckpointReader, info: RankInfo, parallel: ParallelConfig, micro_batch: int,
-                   head_fn=None, dtype: torch.dtype | None = None, ds_extra: dict | None = None):
+                   head_fn=None, dtype: torch.dtype | None = None, ds_extra: dict | None = None,
+                   load_stats: dict | None = None):
     """This rank's stage of the model inside a DeepSpeed PipelineEngine, for forward passes.
 
     Returns (engine, plan, replica). Only this stage's layers are read from
@@ -89,7 +90,7 @@ def build_pipeline(reader: CheckpointReader, info: RankInfo, parallel: ParallelC
     stage, replica = stage_and_replica(info.rank, info.world_size, parallel.pp)
     plan = stage_plans(reader.config, parallel)[stage]
     dtype = dtype or resolve_dtype(parallel.dtype, info.device)
-    model = load_slice(reader, plan.layers, plan.embed, plan.head, info.device, dtype)
+    model = load_slice(reader, plan.layers, plan.embed, plan.head, info.device, dtype, stats=load_stats)
     layers = [PipeStage(model, head_fn) if s == stage else f"stage {s} (built on its own ranks)"
               for s in range(parallel.pp)]
     dp = info.world_size // parallel.pp

@@ -232,7 +232,7 @@ def run_guarded(main, argv=None, comm=None) -> int:
                 # Bad input fails on every rank at once; rank 0 speaks for
                 # them all and its abort ends this rank before it repeats it.
                 # A failure on this rank alone is reported a moment later.
-                time.sleep(2)
+                time.sleep(5)
             print(f"hpc-llama: {tag}{line}", file=sys.stderr, flush=True)
     if size > 1:
         sys.stdout.flush()

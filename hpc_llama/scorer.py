@@ -8,7 +8,6 @@ results (gathered to rank 0) are exchanged.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +17,7 @@ from .config import ParallelConfig, ScoreConfig
 from .errors import HpcLlamaError
 from .mpi_utils import allgather_array, gather_array
 from .partition import stage_and_replica
-from .procstats import bytes_read, peak_rss
+from .procstats import peak_rss
 from .scoring import Window, call_tensors, dummy_call, plan_calls, replica_rounds, rolling_windows, score_head
 
 
@@ -54,20 +53,21 @@ class Scorer:
         self.micro_batches = cfg.micro_batches or (4 * parallel.pp if parallel.pp > 1 else 1)
         self.bos = mcfg.bos_id if cfg.add_bos else None
         self.dtype = resolve_dtype(parallel.dtype, info.device)
-        read_before, t0 = bytes_read(), time.perf_counter()
+        load: dict = {}
         if parallel.pp == 1:
             # One stage holds the whole model: no pipeline engine, no torch.distributed.
             from .checkpoint import load_slice
 
-            self.engine, self.model, self.last = None, load_slice(reader, device=info.device, dtype=self.dtype), True
+            model = load_slice(reader, device=info.device, dtype=self.dtype, stats=load)
+            self.engine, self.model, self.last = None, model, True
         else:
             self.engine, plan, _ = build_pipeline(reader, info, parallel, micro_batch=1, head_fn=score_head,
-                                                  dtype=self.dtype)
+                                                  dtype=self.dtype, load_stats=load)
             self.model, self.last = None, plan.head
         plan = stage_plans(mcfg, parallel)[self.stage]
         self.load_stats = {"rank": info.rank, "stage": self.stage, "replica": self.replica,
-                           "layers": [plan.layers.start, plan.layers.stop], "load_s": round(time.perf_counter() - t0, 3),
-                           "model_bytes_read": None if read_before is None else bytes_read() - read_before}
+                           "layers": [plan.layers.start, plan.layers.stop], "load_s": load["seconds"],
+                           "model_bytes_read": load["bytes_read"]}
 
     def rank_stats(self) -> list[dict] | None:
         """Every rank's load statistics and peak memory, on rank 0."""

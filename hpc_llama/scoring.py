@@ -66,21 +66,23 @@ def plan_calls(lengths: list[int], tokens_per_batch: int, max_batch: int, micro_
     A call's micro-batches share one shape (B, T): T is the longest window in
     the call and B = min(max_batch, tokens_per_batch // T), at least 1. A call
     takes up to B x micro_batches windows in whole micro-batches, and stops
-    at the first window shorter than `min_fill` x T (B shrinking if it must),
-    so no row is padded by more than 1 - min_fill. Rows are never padding.
+    at the first window shorter than `min_fill` x T, so no row is padded by
+    more than 1 - min_fill; B shrinks so that a short run of windows still
+    fills `micro_batches` micro-batches. Rows are never padding.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     calls, at = [], 0
     while at < len(order):
         T = lengths[order[at]]
-        end = min(at + max(1, min(max_batch, tokens_per_batch // max(T, 1))) * micro_batches, len(order))
+        most = max(1, min(max_batch, tokens_per_batch // max(T, 1)))
+        end = min(at + most * micro_batches, len(order))
         for k in range(at + 1, end):
             if lengths[order[k]] < min_fill * T:
                 end = k
                 break
-        # B rows fill the token budget but never reach past the cut; the call
-        # takes whole micro-batches, and what is left starts the next call.
-        B = min(max(1, min(max_batch, tokens_per_batch // max(T, 1))), end - at)
+        # Spread a short run over the call's micro-batches (a pipeline needs
+        # several in flight), in whole micro-batches; the rest starts the next call.
+        B = max(1, min(most, -(-(end - at) // micro_batches)))
         take = order[at:at + B * ((end - at) // B)]
         at += len(take)
         rows = tuple(tuple(take[m:m + B]) for m in range(0, len(take), B))

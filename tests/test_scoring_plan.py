@@ -75,7 +75,7 @@ def test_stride_outside_the_context_is_refused():
     ([8, 8, 8, 8], 100, 3, 1, [(3, 8, 1), (1, 8, 1)]),               # whole micro-batches; the rest a call
     ([5, 3, 8, 1], 4, 8, 1, [(1, 8, 1), (1, 5, 1), (1, 3, 1), (1, 1, 1)]),  # never fewer than one row
     ([4] * 7, 8, 8, 2, [(2, 4, 2), (2, 4, 1), (1, 4, 1)]),
-    ([10, 9, 4, 4, 3, 1], 20, 8, 4, [(2, 10, 1), (2, 4, 1), (1, 3, 1), (1, 1, 1)]),  # no row padded past 15%
+    ([10, 9, 4, 4, 3, 1], 20, 8, 4, [(1, 10, 2), (1, 4, 2), (1, 3, 1), (1, 1, 1)]),  # short runs spread over micro-batches
 ])
 def test_plan_calls_shapes(lengths, tpb, max_batch, m, shapes):
     calls = plan_calls(lengths, tpb, max_batch, m)

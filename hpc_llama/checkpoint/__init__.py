@@ -8,11 +8,13 @@ read tensor by tensor, so a rank touches only the bytes of the parts it owns.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
 from ..errors import HpcLlamaError
 from ..model import Transformer
+from ..procstats import bytes_read
 from .base import CheckpointReader
 from .h5 import INDEX, H5Checkpoint
 from .hf import HFCheckpoint
@@ -51,8 +53,7 @@ def source_name(reader: CheckpointReader, name: str) -> str:
 
 def check_structure(reader: CheckpointReader) -> None:
     """Every parameter the config implies is stored, with the shape the config implies; nothing else is."""
-    with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in Transformer(reader.config).named_parameters()}
+    shapes = {n: tuple(p.shape) for n, p in Transformer(reader.config, device="meta").named_parameters()}
     stored = set(reader.names())
     for name, shape in shapes.items():
         src = source_name(reader, name)
@@ -69,22 +70,24 @@ def check_structure(reader: CheckpointReader) -> None:
 
 def slice_sources(reader: CheckpointReader, layers=None, embed: bool = True, head: bool = True) -> list[str]:
     """The stored tensors a slice reads, each once."""
-    with torch.device("meta"):
-        model = Transformer(reader.config, layers, embed, head)
+    model = Transformer(reader.config, layers, embed, head, device="meta")
     return sorted({source_name(reader, n) for n, _ in model.named_parameters()})
 
 
 def load_slice(reader: CheckpointReader, layers=None, embed: bool = True, head: bool = True,
-               device="cpu", dtype: torch.dtype | None = None, verify: bool = True) -> Transformer:
+               device="cpu", dtype: torch.dtype | None = None, verify: bool = True,
+               stats: dict | None = None) -> Transformer:
     """Build the model slice owning `layers` (global ids; None = all), the embedding and/or the
     head, on `device`, and fill it from the checkpoint. Nothing outside the slice is read.
 
     The slice is built on the meta device and only its own parameters are
-    materialised; `dtype` None keeps the stored dtype.
+    materialised; `dtype` None keeps the stored dtype. `stats`, when given,
+    receives the bytes this process read (Linux) and the seconds it took.
     """
+    t0 = time.perf_counter()
     cfg = reader.config
-    with torch.device("meta"):
-        model = Transformer(cfg, layers, embed, head)
+    model = Transformer(cfg, layers, embed, head, device="meta")
+    read_before = bytes_read()  # after building the module, whose first use may import (and read) code
     infos = {n: reader.info(source_name(reader, n)) for n, _ in model.named_parameters()}
     if dtype is None:
         stored = {i.dtype for i in infos.values()}
@@ -108,6 +111,9 @@ def load_slice(reader: CheckpointReader, layers=None, embed: bool = True, head: 
             t = t.to(device=device, dtype=dtype)
         _set_parameter(model, name, t)
     model.tie_weights()
+    if stats is not None:
+        stats["bytes_read"] = None if read_before is None else bytes_read() - read_before
+        stats["seconds"] = round(time.perf_counter() - t0, 3)
     return model.eval()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,8 +109,6 @@ def _hash_pool():
     # releases the GIL: the next pread runs while the last chunk is hashed.
     global _HASH_POOL
     if _HASH_POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
         _HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpc-llama-hash")
     return _HASH_POOL
 

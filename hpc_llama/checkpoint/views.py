@@ -47,8 +47,7 @@ class InitReader(CheckpointReader):
         self.path, self.format, self.config = f"<init seed={seed}>", "init", cfg
         self.seed, self.dtype, self._assets = seed, dtype, assets or {}
         self.hf_config = hf_config_from_model(cfg, TORCH_NAMES[dtype])
-        with torch.device("meta"):
-            model = Transformer(cfg)
+        model = Transformer(cfg, device="meta")
         self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self._names = sorted(self._shapes, key=unit_order)
 

@@ -10,10 +10,10 @@ OMPI := .venv-ompi
 # Every multi-rank test run is bounded: a hang fails instead of eating CI.
 MPI_TIMEOUT := 900
 
-.PHONY: install install-test demo test test-serial test-mpi bench clean
+.PHONY: install install-test slurm-packages demo test test-serial test-mpi bench clean
 
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test $(OMPI)/.installed
+install-test: $(VENV)/.installed-test $(OMPI)/.installed slurm-packages
 
 # torch is pinned to the CPU build on this machine's disk; the package itself
 # asks for a range, so clusters keep their own CUDA build.
@@ -41,6 +41,14 @@ $(OMPI)/.installed: $(VENV)/.installed
 
 demo: install
 	DS_ACCELERATOR=cpu $(VENV)/bin/hpc-llama demo --out hpc-llama-demo --force
+
+# The Slurm tests start a real two-node cluster on this machine from Debian's
+# packages; the test fixture itself installs nothing.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge libpmix2
+slurm-packages:
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v sbatch >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(SLURM_PACKAGES); }
 
 test: install-test
 	$(MAKE) test-serial test-mpi

@@ -110,3 +110,20 @@ def tokenizer_json(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real two-node Slurm cluster (n1, n2 on localhost), started fresh for this test run."""
+    from slurm_cluster import SlurmCluster, missing_tools
+
+    missing = missing_tools()
+    if missing:
+        pytest.fail(f"Slurm is not installed ({', '.join(missing)} missing): `make test` installs it "
+                    "(apt-get install slurmctld slurmd slurm-client munge)")
+    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -322,3 +322,14 @@ def test_each_rank_reads_only_its_own_layers(tmp_path):
         print(f"rank {r['rank']}: read {r['model_bytes_read']} for {own} bytes of its slice ({total} in the model)")
         assert own <= r["model_bytes_read"] <= own * 1.05 + (64 << 10)
         assert r["model_bytes_read"] < total / 2
+
+
+def test_bf16_scoring_runs_and_stays_close_to_fp32(model_dir, mixed_docs, tmp_path):
+    # bf16 is for GPUs (slow on this CPU) but must work everywhere: tiny model, few documents.
+    score(1, model_dir, mixed_docs, tmp_path / "fp32.jsonl")
+    score(2, model_dir, mixed_docs, tmp_path / "bf16.jsonl", "--dtype", "bf16", pp=2)
+    a, b = read_jsonl(tmp_path / "fp32.jsonl"), read_jsonl(tmp_path / "bf16.jsonl")
+    assert [r["n_tokens"] for r in a] == [r["n_tokens"] for r in b]
+    for x, y in zip(a, b):
+        assert abs(x["loglik"] - y["loglik"]) <= 0.02 * abs(x["loglik"]) + 0.1
+    assert json.load(open(str(tmp_path / "bf16.jsonl") + ".summary.json"))["layout"]["dtype"] == "bfloat16"

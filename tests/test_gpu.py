@@ -1,0 +1,42 @@
+"""The CUDA path: device per local rank, NCCL, bf16. Skipped on machines without a GPU."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import BIN, run_cli, run_mpi
+from test_score import read_jsonl
+
+pytestmark = pytest.mark.gpu
+
+
+def test_rank_takes_the_gpu_of_its_local_rank():
+    from hpc_llama.runtime import describe_rank
+
+    info = describe_rank(comm=None, environ={}, cuda_count=torch.cuda.device_count())
+    assert info.device == "cuda:0"
+
+
+def test_score_on_gpu_matches_cpu(tmp_path, hf_dirs, tokenizer_json):
+    import shutil
+
+    shutil.copytree(hf_dirs["llama3"], tmp_path / "hf")
+    shutil.copy(tokenizer_json, tmp_path / "hf" / "tokenizer.json")
+    docs = tmp_path / "d.jsonl"
+    docs.write_text("".join(json.dumps({"text": "gpu check " * (i + 1)}) + "\n" for i in range(20)))
+    common = ["--model", tmp_path / "hf", "--input", docs, "--quiet", "--dtype", "fp32"]
+    run_cli("score", *common, "--output", tmp_path / "cpu.jsonl", env={"HPC_LLAMA_DEVICE": "cpu"}, check=True)
+    run_cli("score", *common, "--output", tmp_path / "gpu.jsonl", check=True)
+    a, b = read_jsonl(tmp_path / "cpu.jsonl"), read_jsonl(tmp_path / "gpu.jsonl")
+    assert max(abs(x["loglik"] - y["loglik"]) for x, y in zip(a, b)) <= 1e-3
+    summary = json.load(open(str(tmp_path / "gpu.jsonl") + ".summary.json"))
+    assert summary["layout"]["device"] == "cuda:0"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for a 2-stage NCCL pipeline")
+def test_nccl_pipeline_in_bf16(tmp_path, hf_dirs):
+    p = run_mpi(2, os.path.join(BIN, "hpc-llama"), "check", "--model", hf_dirs["llama3"], "--pp", "2", "--dtype", "bf16",
+                check=True)
+    assert "cuda:0" in p.stdout and "cuda:1" in p.stdout

@@ -83,8 +83,73 @@ class ScoreConfig:
             raise ValueError(f"stride {self.stride} is larger than the context {self.context}")
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """What `hpc-llama train` does: data, batch, optimiser, schedule, evaluation, checkpoints."""
+
+    seq_len: int = 256
+    """Tokens per training sequence (text is packed into windows of this length; task examples are cut or padded)."""
+    micro_batch: int = 4
+    """Sequences per micro-batch on each replica."""
+    global_batch: int = 32
+    """Sequences per optimiser step, over all replicas: micro_batch x accumulation steps x data-parallel replicas."""
+    steps: int = 300
+    """Optimiser steps."""
+    lr: float = 3.0e-3
+    """Peak learning rate, reached after the warm-up."""
+    min_lr: float = 3.0e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 30
+    """Linear warm-up from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms, biases or LoRA adapters)."""
+    betas: tuple[float, ...] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    eval_every: int = 50
+    """Validation loss every this many steps (0: only at the end)."""
+    eval_sequences: int = 64
+    """Validation sequences per evaluation (the first ones of the split, the same each time; 0: all)."""
+    checkpoint_every: int = 100
+    """A DeepSpeed checkpoint every this many steps (0: only on a signal and at the end)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept; older ones are deleted."""
+    seed: int = 0
+    """Seed of the initial weights (pretraining), the LoRA adapters and the data order."""
+    zero: int = 1
+    """ZeRO stage: 0-3 without a pipeline, 0-1 with one (1 also reports the gradient norm and suits bf16)."""
+    lora_rank: int = 0
+    """LoRA rank (0: train every weight)."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: adapters are scaled by alpha / rank."""
+    lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
+    """Projections that get adapters: any of wq wk wv wo (attention) and w1 w2 w3 (MLP)."""
+    export: str = "merged"
+    """What the run exports at the end: merged (adapters folded into the weights) or adapters (LoRA only)."""
+
+    def __post_init__(self):
+        for name in ("seq_len", "micro_batch", "global_batch", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.global_batch % self.micro_batch:
+            raise ValueError(f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch}")
+        if not 0 < self.min_lr <= self.lr:
+            raise ValueError("need 0 < min_lr <= lr")
+        if self.zero not in (0, 1, 2, 3):
+            raise ValueError(f"zero must be 0, 1, 2 or 3, got {self.zero}")
+        if len(self.betas) != 2:
+            raise ValueError("betas needs two values")
+        bad = set(self.lora_targets) - {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
+        if bad:
+            raise ValueError(f"unknown LoRA target {sorted(bad)[0]!r} (wq wk wv wo w1 w2 w3)")
+        if self.export not in ("merged", "adapters"):
+            raise ValueError(f"export must be merged or adapters, got {self.export!r}")
+
+
 # Top-level YAML sections and the dataclass each is read into. Jobs add theirs here.
-SECTIONS: dict[str, type] = {"model": ModelConfig, "parallel": ParallelConfig, "score": ScoreConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "parallel": ParallelConfig, "score": ScoreConfig,
+                             "train": TrainConfig}
 
 
 def from_dict(cls, data: dict | None, where: str):

@@ -31,6 +31,8 @@ class Document:
     input_ids: tuple[int, ...] | None
     where: str
     """FILE:LINE (or FILE) for error messages."""
+    response: str | None = None
+    """For task data: the response to `text` (the prompt)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ def expand_inputs(specs: list[str]) -> list[InputFile]:
 class Fields:
     text: str = "text"
     id: str = "id"
+    response: str | None = None
+    """Set for task data: records then need `text` (the prompt field) and this field."""
 
 
 def parse_line(raw: bytes, where: str, index: int, fields: Fields, vocab_size: int | None) -> Document:
@@ -97,16 +101,24 @@ def parse_line(raw: bytes, where: str, index: int, fields: Fields, vocab_size: i
         return Document(index, doc_id, None, tuple(ids), where)
     text = obj.get(fields.text)
     if text is None:
-        raise HpcLlamaError(f"{where}: no {fields.text!r} field (and no input_ids)")
+        raise HpcLlamaError(f"{where}: no {fields.text!r} field" + ("" if fields.response else " (and no input_ids)"))
     if not isinstance(text, str):
         raise HpcLlamaError(f"{where}: field {fields.text!r} is not a string")
-    return Document(index, doc_id, text, None, where)
+    if fields.response is None:
+        return Document(index, doc_id, text, None, where)
+    response = obj.get(fields.response)
+    if not isinstance(response, str):
+        raise HpcLlamaError(f"{where}: no {fields.response!r} field (a string) to go with {fields.text!r}")
+    return Document(index, doc_id, text, None, where, response)
 
 
-def read_documents(files: list[InputFile], fields: Fields = Fields(), vocab_size: int | None = None, start: int = 0):
+def read_documents(files: list[InputFile], fields: Fields = Fields(), vocab_size: int | None = None, start: int = 0,
+                   on_error=None):
     """Yield every Document in input order, from global index `start` on.
 
-    Documents before `start` are skipped without being parsed.
+    Documents before `start` are skipped without being parsed. A bad document
+    raises HpcLlamaError naming its file and line, unless `on_error` is given:
+    then it receives the error and the document is skipped (its index stays taken).
     """
     index = 0
     for f in files:
@@ -115,10 +127,11 @@ def read_documents(files: list[InputFile], fields: Fields = Fields(), vocab_size
                 with open(f.path, "rb") as fh:
                     raw = fh.read()
                 try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise HpcLlamaError(f"{f.path}: not valid UTF-8 (byte {e.start})") from None
-                yield Document(index, f.path, text, None, f.path)
+                    yield Document(index, f.path, _utf8(raw, f.path), None, f.path)
+                except HpcLlamaError as e:
+                    if on_error is None:
+                        raise
+                    on_error(e)
             index += 1
             continue
         with open(f.path, "rb") as fh:
@@ -126,11 +139,26 @@ def read_documents(files: list[InputFile], fields: Fields = Fields(), vocab_size
                 if not raw.strip():
                     continue
                 if index >= start:
-                    yield parse_line(raw, f"{f.path}:{lineno}", index, fields, vocab_size)
+                    try:
+                        doc = parse_line(raw, f"{f.path}:{lineno}", index, fields, vocab_size)
+                    except HpcLlamaError as e:
+                        if on_error is None:
+                            raise
+                        on_error(e)
+                    else:
+                        yield doc
                 index += 1
 
 
-def scan_inputs(files: list[InputFile], fields: Fields, vocab_size: int | None, need_tokenizer_ok: bool):
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HpcLlamaError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+
+
+def scan_inputs(files: list[InputFile], fields: Fields, vocab_size: int | None, need_tokenizer_ok: bool,
+                on_error=None):
     """Validate every document, count them and checksum every file, before any work starts.
 
     Returns (files with checksums and counts, number of documents with text).
@@ -146,7 +174,7 @@ def scan_inputs(files: list[InputFile], fields: Fields, vocab_size: int | None, 
                     break
                 h.update(block)
         n = 0
-        for doc in read_documents([f], fields, vocab_size):
+        for doc in read_documents([f], fields, vocab_size, on_error=on_error):
             n += 1
             if doc.text is not None:
                 with_text += 1

@@ -25,10 +25,19 @@ JOBS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become one line from rank 0, like every other error (not a usage text per rank)."""
+
+    def error(self, message):
+        from .errors import HpcLlamaError
+
+        raise HpcLlamaError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpc-llama", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="hpc-llama", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"hpc-llama {__version__}")
-    sub = parser.add_subparsers(dest="job", metavar="JOB", required=True)
+    sub = parser.add_subparsers(dest="job", metavar="JOB", required=True, parser_class=_Parser)
     for name, (module, help_text) in JOBS.items():
         job = importlib.import_module(f"hpc_llama.jobs.{module}")
         p = sub.add_parser(name, help=help_text, description=job.__doc__,

@@ -80,7 +80,10 @@ def param_groups(model: nn.Module, weight_decay: float):
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 and "lora_" not in name else plain).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    # No empty groups: DeepSpeed's ZeRO optimizer drops them, and the LR scheduler
+    # would then count more groups than the optimizer has.
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 class Trainer:
@@ -188,6 +191,17 @@ class Trainer:
         from mpi4py import MPI
 
         return self.comm.allreduce(x, op=MPI.SUM)
+
+    def trainable_parameters(self) -> dict:
+        """Trainable and frozen parameter counts of the whole model (every stage, one replica)."""
+        # A tied head is the embedding again: count it once, on the first stage.
+        params = [p for n, p in self.model.named_parameters()
+                  if not (n == "output.weight" and self.cfg.tie_embeddings and self.model.tok_embeddings is None)]
+        mine = [sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params if not p.requires_grad)]
+        if self.comm is not None and self.info.world_size > 1:
+            rows = self.comm.allgather((self.replica, mine))
+            mine = [sum(m[i] for r, m in rows if r == 0) for i in range(2)]
+        return {"trainable": mine[0], "frozen": mine[1]}
 
     @property
     def lr(self) -> float:

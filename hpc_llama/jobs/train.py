@@ -61,6 +61,7 @@ def run(args) -> int:
     comm = world_comm()
     info = describe_rank(comm)
     manifest = load_manifest(args.data)
+    _verify_shards(args.data, manifest, info, comm)
     reader = _model_source(args, sections["model"], tcfg, manifest)
     dp, zero, dtype = _layout(info, parallel, tcfg, reader.config, resolve_dtype)
     run_dir = os.path.abspath(args.out)
@@ -83,7 +84,10 @@ def run(args) -> int:
         splits = {s: SplitData(args.data, manifest, s) for s in ("train", "val", "test")}
         n_seq = sequence_count(splits["train"], tcfg.seq_len)
         metrics = MetricsWriter(run_dir, info.rank == 0)
-        metrics.truncate_after(start)
+        metrics.truncate_after(start if start else -1)
+        if start == 0 and args.init:
+            # The model before any step: what fine-tuning is measured against.
+            metrics.write({"step": 0, "val_loss": _evaluate(trainer, splits["val"], tcfg, dp)})
         progress = Progress(info, tcfg.steps, start, quiet=args.quiet, unit="step")
         if start:
             progress.log(f"resuming after step {start} of {tcfg.steps}")
@@ -109,19 +113,40 @@ def run(args) -> int:
             if (tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0) or stop.agreed(comm):
                 trainer.save(ckpt_dir, step + 1, tcfg.keep_checkpoints)
                 if stop.raised and not done:
-                    progress.log(f"stopped by {stop.name} after step {step + 1}: checkpoint saved, exiting")
+                    # Said even in quiet mode: a batch log must show why the job ended early.
+                    Progress.say(info, f"stopped by {stop.name} after step {step + 1}: checkpoint saved, exiting")
                     progress.close()
                     return 0
         progress.close()
         test_loss = _evaluate(trainer, splits["test"], tcfg, dp, all_sequences=True)
         _export(trainer, reader, run_dir, tcfg, info)
+        counts = trainer.trainable_parameters()  # a collective: every rank
         if info.rank == 0:
-            _finish(run_dir, metrics, manifest, test_loss, tcfg, splits["test"])
+            _finish(run_dir, metrics, manifest, test_loss, tcfg, splits["test"], counts)
         metrics.close()
     finally:
         stop.restore()
         stop_distributed()
     return 0
+
+
+def _verify_shards(data_dir, manifest, info, comm):
+    """Every token shard against its checksums before anything starts, shards shared out over the ranks."""
+    from ..data import SplitData
+    from ..errors import HpcLlamaError
+
+    problem = None
+    for split in ("train", "val", "test"):
+        data = SplitData(data_dir, manifest, split, cache_shards=1)
+        for i in range(info.rank, len(data.shards), info.world_size):
+            try:
+                data._shard(i)
+            except HpcLlamaError as e:
+                problem = problem or str(e)
+    problems = comm.allgather(problem) if comm is not None else [problem]
+    first = next((p for p in problems if p), None)
+    if first:
+        raise HpcLlamaError(first)
 
 
 class _StopFlag:
@@ -293,7 +318,7 @@ def _export(trainer, reader, run_dir, tcfg, info):
         os.replace(path + ".tmp", path)
 
 
-def _finish(run_dir, metrics, manifest, test_loss, tcfg, test_data):
+def _finish(run_dir, metrics, manifest, test_loss, tcfg, test_data, trainable):
     import json
     import math
     import os
@@ -305,7 +330,7 @@ def _finish(run_dir, metrics, manifest, test_loss, tcfg, test_data):
         json.dump({"test_loss": test_loss, "test_ppl": None if test_loss is None else math.exp(min(test_loss, 50)),
                    "test_sequences": sequence_count(test_data, tcfg.seq_len),
                    "unigram_baseline": manifest["train_unigram_entropy"],
-                   "final_train_loss": rows[-1]["loss"] if rows else None,
+                   "final_train_loss": next((r["loss"] for r in reversed(rows) if "loss" in r), None),
                    "final_val_loss": next((r["val_loss"] for r in reversed(rows) if r.get("val_loss") is not None), None),
-                   "steps": tcfg.steps}, f, indent=1)
+                   "steps": tcfg.steps, "trainable_parameters": trainable}, f, indent=1)
     metrics.plot(os.path.join(run_dir, "loss.png"), manifest["train_unigram_entropy"])

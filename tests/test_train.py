@@ -1,0 +1,296 @@
+"""`hpc-llama prepare` and `hpc-llama train` for real: DeepSpeed engines under mpirun, on real text."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import BIN, MPIRUN, ROOT, run_cli, run_mpi
+from test_checkpoint import one_line_error
+
+STDLIB = os.path.dirname(os.__file__)
+# The tiny model of configs/tiny-train.yaml, smaller still, so a step takes milliseconds.
+TINY = ["--config", "tiny-train", "--set", "model.vocab_size=512", "--set", "model.dim=64",
+        "--set", "train.seq_len=64", "--set", "train.micro_batch=4", "--set", "train.global_batch=16",
+        "--set", "train.warmup_steps=5", "--set", "train.lr=0.003"]
+
+
+def hpc(n, *args, check=True, timeout=300):
+    if n == 1:
+        return run_cli(*args, check=check, timeout=timeout)
+    return run_mpi(n, os.path.join(BIN, "hpc-llama"), *args, check=check, timeout=timeout)
+
+
+def metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Real text: 40 modules of the Python standard library, tokenized with a BPE trained on them."""
+    d = tmp_path_factory.mktemp("corpus")
+    files = sorted(glob.glob(os.path.join(STDLIB, "*.py")))[:40]
+    for f in files:
+        os.symlink(f, d / (os.path.basename(f) + ".txt"))
+    data = tmp_path_factory.mktemp("data") / "data"
+    hpc(1, "prepare", "--input", d, "--output", data, "--train-tokenizer", "512", "--split", "0.9,0.05,0.05",
+        "--chunk-docs", "8")
+    return str(d), str(data)
+
+
+# --- prepare ------------------------------------------------------------------------------
+
+
+def test_prepare_is_the_same_on_any_number_of_ranks(corpus, tmp_path):
+    text_dir, data = corpus
+    other = tmp_path / "data2"
+    hpc(2, "prepare", "--input", text_dir, "--output", other, "--tokenizer", os.path.join(data, "tokenizer.json"),
+        "--split", "0.9,0.05,0.05", "--chunk-docs", "8")
+    a, b = json.load(open(os.path.join(data, "manifest.json"))), json.load(open(other / "manifest.json"))
+    assert a["shards"] == b["shards"] and a["totals"] == b["totals"] and len(a["shards"]) == 5
+    for s in a["shards"]:
+        assert open(os.path.join(data, s["file"]), "rb").read() == open(other / s["file"], "rb").read()
+    assert a["totals"]["val"]["documents"] >= 1 and a["train_unigram_entropy"] > 4
+
+
+def test_task_data_puts_the_loss_on_the_response(corpus, tmp_path):
+    _, data = corpus
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": f"Repeat: word{i}\n", "response": f"word{i}"}) + "\n" for i in range(60)))
+    out = tmp_path / "sft"
+    hpc(1, "prepare", "--input", tasks, "--output", out, "--task", "--tokenizer", os.path.join(data, "tokenizer.json"),
+        "--split", "0.8,0.2,0")
+    from hpc_llama.data import SplitData, load_manifest
+    from hpc_llama.tokenizer import Tokenizer
+
+    m = load_manifest(str(out))
+    assert m["kind"] == "task"
+    tok = Tokenizer(open(os.path.join(data, "tokenizer.json"), "rb").read(), 512)
+    train = SplitData(str(out), m, "train")
+    tokens, mask = train.document(0)
+    assert tokens[0] == m["bos_id"] and tokens[-1] == m["eos_id"]
+    answer = tok.decode(tokens[mask.astype(bool)][:-1])
+    assert answer.startswith("word") and tok.decode(tokens[1:][~mask[1:]]).startswith("Repeat: word")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--split", "0.9,0.2,0.1"], "sum to 1.2"),
+    (["--input-empty"], "nothing to train on"),
+])
+def test_prepare_bad_input(corpus, tmp_path, args, needle):
+    _, data = corpus
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": ""}\n{"text": ""}\n' if "--input-empty" in args else '{"text": "hello"}\n')
+    extra = [a for a in args if a != "--input-empty"]
+    one_line_error(hpc(1, "prepare", "--input", inp, "--output", tmp_path / "out", "--tokenizer",
+                       os.path.join(data, "tokenizer.json"), *extra, check=False), needle)
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / ".out.partial")
+
+
+# --- the same maths for every layout --------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, pp, zero", [(2, 2, 1), (4, 2, 1), (2, 1, 2), (2, 1, 3), (1, 1, 0)])
+def test_first_losses_agree_across_layouts(corpus, tmp_path, n, pp, zero):
+    _, data = corpus
+    common = [*TINY, "--data", data, "--steps", "4", "--set", "train.eval_every=0", "--set",
+              "train.eval_sequences=8", "--quiet"]
+    hpc(1, "train", *common, "--out", tmp_path / "ref", "--pp", "1", "--zero", "1")
+    hpc(n, "train", *common, "--out", tmp_path / "run", "--pp", pp, "--zero", zero)
+    ref = [r["loss"] for r in metrics(tmp_path / "ref")]
+    got = [r["loss"] for r in metrics(tmp_path / "run")]
+    print(f"PP {pp} x DP {n // pp}, ZeRO-{zero}: losses {got} vs {ref}")
+    assert len(got) == 4
+    assert np.allclose(got, ref, rtol=1e-5, atol=0)
+    assert got[-1] < got[0]
+
+
+# --- learning, export, resume ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(corpus, tmp_path_factory):
+    """60 steps under mpirun -n 2 --pp 2, evaluated every 20."""
+    _, data = corpus
+    run = tmp_path_factory.mktemp("pp2") / "run"
+    hpc(2, "train", *TINY, "--data", data, "--out", run, "--pp", "2", "--steps", "60",
+        "--set", "train.eval_every=20", "--quiet")
+    return str(run)
+
+
+def test_validation_loss_falls_under_a_pipeline(pipeline_run, corpus):
+    rows = metrics(pipeline_run)
+    val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+    baseline = json.load(open(os.path.join(corpus[1], "manifest.json")))["train_unigram_entropy"]
+    print(f"validation losses {val}, unigram baseline {baseline:.3f}")
+    assert len(val) == 3 and val[0] > val[1] > val[2]
+    assert val[-1] < baseline
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["lr"] < rows[4]["lr"] and rows[59]["lr"] < rows[10]["lr"]  # warm-up, then decay
+    test = json.load(open(os.path.join(pipeline_run, "test.json")))
+    assert test["test_loss"] < baseline and test["trainable_parameters"]["frozen"] == 0
+    assert os.path.getsize(os.path.join(pipeline_run, "loss.png")) > 10_000
+    assert glob.glob(os.path.join(pipeline_run, "tensorboard", "events.out.tfevents.*"))
+
+
+def test_validation_loss_falls_with_pipeline_and_data_parallel(corpus, tmp_path):
+    _, data = corpus
+    hpc(4, "train", *TINY, "--data", data, "--out", tmp_path / "run", "--pp", "2", "--steps", "40",
+        "--set", "train.eval_every=20", "--quiet")
+    val = [r["val_loss"] for r in metrics(tmp_path / "run") if r.get("val_loss") is not None]
+    assert len(val) == 2 and val[1] < val[0]
+
+
+def test_export_at_another_pipeline_degree_scores_like_the_trained_model(pipeline_run, corpus, tmp_path):
+    """The exported .h5, scored on 4 stages, gives the test loss the run measured on its 2 stages in memory."""
+    from hpc_llama.data import SplitData, load_manifest, read_sequence, sequence_count
+
+    data = corpus[1]
+    test = SplitData(data, load_manifest(data), "test")
+    seqs = [read_sequence(test, i, 64) for i in range(sequence_count(test, 64))]
+    docs = tmp_path / "test.jsonl"
+    docs.write_text("".join(json.dumps({"input_ids": [int(x) for x in s[0]] + [int(s[1][-1])]}) + "\n" for s in seqs))
+    hpc(4, "score", "--model", os.path.join(pipeline_run, "final.h5"), "--input", docs, "--output",
+        tmp_path / "s.jsonl", "--pp", "4", "--context", "64", "--quiet")
+    recs = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
+    scored = -sum(r["loglik"] for r in recs) / sum(r["n_tokens"] for r in recs)
+    measured = json.load(open(os.path.join(pipeline_run, "test.json")))["test_loss"]
+    assert scored == pytest.approx(measured, rel=1e-5)
+
+
+def _interrupt(cmd, run, after_steps, how):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    import psutil
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(metrics(run)) >= after_steps:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "train" in " ".join(c.cmdline())]
+    assert proc.poll() is None and len(ranks) == 2, "the run ended before it could be interrupted"
+    targets = ranks[1:] if how == "usr1-one-rank" else ranks
+    for r in targets:
+        r.send_signal(signal.SIGUSR1 if how.startswith("usr1") else signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("how", ["usr1-one-rank", "term-all-ranks"])
+def test_signal_checkpoint_and_resume_give_the_same_losses(corpus, tmp_path, how):
+    _, data = corpus
+    common = [*TINY, "--data", data, "--pp", "2", "--steps", "24", "--set", "train.eval_every=8",
+              "--set", "train.checkpoint_every=100", "--quiet"]
+    hpc(2, "train", *common, "--out", tmp_path / "whole")
+    run = tmp_path / "cut"
+    cmd = [MPIRUN, "-n", "2", os.path.join(BIN, "hpc-llama"), "train", *map(str, common), "--out", str(run), "--resume"]
+    code, err = _interrupt(cmd, run, 6, how)
+    assert code == 0, err  # a signal is a clean stop: Slurm requeues, nothing failed
+    done = len(metrics(run))
+    assert 6 <= done < 24 and "checkpoint saved" in err
+    hpc(2, *cmd[4:])
+    whole = [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(tmp_path / "whole")]
+    resumed = [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(run)]
+    assert resumed == whole  # bit for bit in fp32
+
+
+def test_bf16_trains(corpus, tmp_path):
+    _, data = corpus
+    hpc(2, "train", *TINY, "--data", data, "--out", tmp_path / "run", "--pp", "2", "--steps", "8", "--dtype", "bf16",
+        "--set", "train.eval_every=0", "--set", "train.eval_sequences=8", "--quiet")
+    losses = [r["loss"] for r in metrics(tmp_path / "run")]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    with h5py.File(tmp_path / "run" / "final.h5") as f:
+        assert f["tensors/layers.0.attention.wq.weight"].attrs["dtype"] == "bfloat16"
+
+
+# --- LoRA -------------------------------------------------------------------------------------
+
+
+def test_lora_fine_tune_beats_the_base_model(pipeline_run, corpus, tmp_path):
+    _, data = corpus
+    base = os.path.join(pipeline_run, "final.h5")
+    words = sorted({w for w in open(os.path.join(STDLIB, "os.py")).read().split() if w.isidentifier()})[:300]
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": f"Repeat: {w}\n", "response": f" {w}"}) + "\n" for w in words))
+    sft = tmp_path / "sft"
+    hpc(1, "prepare", "--input", tasks, "--output", sft, "--task", "--tokenizer", base, "--split", "0.8,0.2,0")
+    run = tmp_path / "lora"
+    hpc(2, "train", *TINY, "--data", sft, "--init", base, "--out", run, "--pp", "2", "--lora", "8",
+        "--steps", "30", "--set", "train.lr=0.01", "--set", "train.eval_every=15", "--quiet")
+    rows = metrics(run)
+    assert rows[0]["step"] == 0  # the base model, before any step
+    val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+    print(f"task validation loss: base {val[0]:.3f} -> {val[-1]:.3f}")
+    assert val[-1] < val[0] - 0.1
+    test = json.load(open(run / "test.json"))
+    assert test["trainable_parameters"]["trainable"] < 0.2 * test["trainable_parameters"]["frozen"]
+    # Merged export: adapted projections changed, everything else is the base, bit for bit.
+    with h5py.File(base) as b, h5py.File(run / "final.h5") as m:
+        for name in b["tensors"]:
+            same = np.array_equal(b["tensors"][name][()], m["tensors"][name][()])
+            assert same == (not name.endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight"))), name
+
+
+def test_lora_adapters_alone(pipeline_run, corpus, tmp_path):
+    _, data = corpus
+    run = tmp_path / "lora"
+    hpc(2, "train", *TINY, "--data", data, "--init", os.path.join(pipeline_run, "final.h5"), "--out", run,
+        "--pp", "2", "--lora", "4", "--steps", "3", "--set", "train.export=adapters", "--set", "train.eval_every=0",
+        "--set", "train.eval_sequences=4", "--quiet")
+    with h5py.File(run / "adapters.h5") as f:
+        names = list(f["tensors"])
+    assert names and all(n.endswith((".lora_a", ".lora_b")) for n in names)
+    assert len(names) == 4 * 4 * 2  # 4 layers x wq wk wv wo x (A, B)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_bad_training_input_fails_cleanly(corpus, pipeline_run, tmp_path):
+    _, data = corpus
+    base = os.path.join(pipeline_run, "final.h5")
+    out = tmp_path / "run"
+    cases = [
+        (1, ["--init", base, "--set", "model.n_layers=6"], "model disagrees with --init", "n_layers is 6"),
+        (2, ["--pp", "1", "--set", "train.global_batch=20"], "not divisible by micro-batch 4 x 2", None),
+        (2, ["--pp", "2", "--zero", "2"], "ZeRO-2 cannot be combined with a pipeline", None),
+    ]
+    for n, extra, needle, more in cases:
+        p = hpc(n, "train", *TINY, "--data", data, "--out", out, *extra, check=False)
+        assert p.returncode != 0 and needle in p.stderr, p.stderr
+        assert more is None or more in p.stderr
+        assert len([line for line in p.stderr.splitlines() if line.startswith("hpc-llama")]) == 1, p.stderr
+        assert not out.exists()
+    # Resuming into a run of another config.
+    p = hpc(1, "train", *TINY, "--data", data, "--out", pipeline_run, "--resume", "--set", "train.lr=0.001", check=False)
+    assert p.returncode != 0 and "belongs to a run with a different sections" in p.stderr
+
+
+def test_corrupt_token_shard_is_refused(corpus, tmp_path):
+    import shutil
+
+    _, data = corpus
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    shard = bad / "shard-000000.h5"
+    with h5py.File(shard, "r") as f:
+        offset = f["train/tokens"].id.get_offset()
+    with open(shard, "r+b") as f:
+        f.seek(offset + 10)
+        f.write(b"\xff\xff")
+    p = hpc(1, "train", *TINY, "--data", bad, "--out", tmp_path / "run", check=False)
+    one_line_error(p, "checksum mismatch in train/tokens")
+    assert not (tmp_path / "run").exists()

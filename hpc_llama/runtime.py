@@ -118,6 +118,22 @@ def describe_rank(comm=None, environ=None, cuda_count: int | None = None) -> Ran
     return RankInfo(rank, size, local, local_size, node, host, launcher, device)
 
 
+def start_rank(comm=None) -> RankInfo:
+    """Describe this rank and give it its share of the node's cores for torch's threads.
+
+    Under mpirun, OpenMP in each rank may start with one thread whatever the
+    cores (Intel's runtime divides by the MPI ranks it detects); an explicit
+    OMP_NUM_THREADS is always respected.
+    """
+    info = describe_rank(comm)
+    if info.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // info.local_size))
+    return info
+
+
 def world_comm():
     """MPI.COMM_WORLD, or None when mpi4py is unavailable (a world of one)."""
     try:

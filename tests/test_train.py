@@ -166,6 +166,17 @@ def test_export_at_another_pipeline_degree_scores_like_the_trained_model(pipelin
     assert scored == pytest.approx(measured, rel=1e-5)
 
 
+def test_export_on_demand_from_the_last_checkpoint(pipeline_run, corpus, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(pipeline_run, run)
+    os.remove(run / "final.h5")
+    hpc(2, "train", *TINY, "--data", corpus[1], "--out", run, "--pp", "2", "--steps", "60",
+        "--set", "train.eval_every=20", "--resume", "--export-only", "--quiet")
+    assert (run / "final.h5").read_bytes() == open(os.path.join(pipeline_run, "final.h5"), "rb").read()
+
+
 def _interrupt(cmd, run, after_steps, how):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env=dict(os.environ, DS_ACCELERATOR="cpu"))

@@ -37,10 +37,10 @@ def run(args) -> int:
     from ..config import ParallelConfig
     from ..errors import HpcLlamaError
     from ..pipeline import build_pipeline, eval_batches, resolve_dtype, stage_plans
-    from ..runtime import describe_rank, start_distributed, stop_distributed, world_comm
+    from ..runtime import start_distributed, start_rank, stop_distributed, world_comm
 
     comm = world_comm()
-    info = describe_rank(comm)
+    info = start_rank(comm)
     try:
         parallel = ParallelConfig(pp=args.pp, partition=args.partition, dtype=args.dtype)
         lengths = [int(x) for x in args.lengths.split(",")]

@@ -41,11 +41,11 @@ def run(args) -> int:
     from ..errors import HpcLlamaError
     from ..inputs import Fields, expand_inputs, read_documents, scan_inputs
     from ..outputs import check_destination
-    from ..runtime import describe_rank, world_comm
+    from ..runtime import start_rank, world_comm
     from ..tokenizer import Tokenizer
 
     comm = world_comm()
-    info = describe_rank(comm)
+    info = start_rank(comm)
     fractions = parse_split(args.split)
     if args.chunk_docs < 1:
         raise HpcLlamaError("--chunk-docs must be at least 1")

@@ -49,7 +49,7 @@ def run(args) -> int:
     from ..inputs import Fields, chunks, expand_inputs, read_documents, scan_inputs
     from ..progress import Progress
     from ..results import Journal, output_format, record_line
-    from ..runtime import describe_rank, start_distributed, stop_distributed, world_comm
+    from ..runtime import start_distributed, start_rank, stop_distributed, world_comm
     from ..scorer import Scorer
     from ..tokenizer import Tokenizer
 
@@ -59,7 +59,7 @@ def run(args) -> int:
     sections = load_sections(args.config, overrides + args.set)
     parallel, cfg = sections["parallel"] or ParallelConfig(), sections["score"] or ScoreConfig()
     comm = world_comm()
-    info = describe_rank(comm)
+    info = start_rank(comm)
     fmt = output_format(args.output, args.format)
     reader = open_checkpoint(args.model)
     tokenizer = Tokenizer.from_checkpoint(reader)

@@ -52,14 +52,14 @@ def run(args) -> int:
     from ..metrics import MetricsWriter
     from ..pipeline import resolve_dtype
     from ..progress import Progress
-    from ..runtime import describe_rank, start_distributed, stop_distributed, world_comm
+    from ..runtime import start_distributed, start_rank, stop_distributed, world_comm
     from ..training import Trainer
 
     overrides = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in _FLAGS.items() if getattr(args, flag) is not None]
     sections = load_sections(args.config, overrides + args.set)
     parallel, tcfg = sections["parallel"] or ParallelConfig(), sections["train"] or TrainConfig()
     comm = world_comm()
-    info = describe_rank(comm)
+    info = start_rank(comm)
     manifest = load_manifest(args.data)
     _verify_shards(args.data, manifest, info, comm)
     reader = _model_source(args, sections["model"], tcfg, manifest)
@@ -110,7 +110,8 @@ def run(args) -> int:
             progress.update(1, counted)
             if progress.bar is not None:
                 progress.bar.set_postfix_str(f"loss {loss:.3f}, {row['tokens_per_s']:,.0f} tok/s", refresh=False)
-            if (tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0) or stop.agreed(comm):
+            periodic = tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0
+            if periodic or done or stop.agreed(comm):
                 trainer.save(ckpt_dir, step + 1, tcfg.keep_checkpoints)
                 if stop.raised and not done:
                     # Said even in quiet mode: a batch log must show why the job ended early.

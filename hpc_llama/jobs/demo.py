@@ -1,18 +1,18 @@
 """Show the whole product on this machine, offline, on 2 ranks, and write a report.
 
-    hpc-llama demo [--out hpc-llama-demo] [--ranks 2]
+    hpc-llama demo [--out hpc-llama-demo] [--ranks 2] [--steps 300]
 
-Each step is a plain `hpc-llama` command (printed before it runs, so it can be
-repeated by hand); the demo only strings them together and collects numbers:
-  1. init     a ~100M-parameter Llama (seeded) as one HDF5 checkpoint
-  2. inspect  its config, sizes and 2-stage split; verify every checksum
-  3. convert  to an HF directory and back, and compare bit for bit
-  4. check    under mpirun: 2 pipeline stages, each rank reading only its own
-              layers straight from the HF directory, logits against the whole model
-  5. check    under mpirun: 2 data-parallel replicas from the HDF5 file
-  6. score    documents (token ids: the model is random and has no tokenizer)
-              under mpirun as 2 pipeline stages, and again in one process:
-              the same numbers, in input order, with a summary beside them
+Each step is a plain `hpc-llama` command, printed before it runs so it can be
+repeated by hand; the demo only strings them together and collects numbers:
+  1. prepare  the Python standard library's top-level modules into token
+              shards, with a BPE tokenizer trained on the train split
+  2. train    a tiny Llama from scratch, 2 pipeline stages under mpirun
+  3. inspect  the exported checkpoint; convert it to an HF directory and back,
+              bit for bit
+  4. check    2 stages reading the HF directory in place, logits against the
+              whole model
+  5. score    held-out code (the json and email packages, never trained on)
+              on 2 stages, and again in one process: the same numbers
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 def add_arguments(p):
     p.add_argument("--out", default="hpc-llama-demo", help="directory for everything the demo writes")
     p.add_argument("--ranks", type=int, default=2, help="MPI ranks for the parallel steps")
-    p.add_argument("--config", default="bench-100m", help="model preset to initialise")
+    p.add_argument("--steps", type=int, default=300, help="pretraining steps")
     p.add_argument("--force", action="store_true", help="reuse an existing output directory")
 
 
@@ -49,6 +49,7 @@ def run(args) -> int:
     if mpirun is None:
         raise HpcLlamaError("mpirun not found: install an MPI (pip install mpich) or put yours on PATH")
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    stdlib = os.path.dirname(os.__file__)
     steps = []
 
     def step(title, cmd, show_output=True):
@@ -62,56 +63,69 @@ def run(args) -> int:
             print(p.stdout.rstrip(), flush=True)
         if p.returncode != 0:
             raise HpcLlamaError(f"demo step '{title}' failed (exit {p.returncode}); its output is above")
-        steps.append({"title": title, "command": shown, "seconds": round(seconds, 2), "output": p.stdout})
+        steps.append({"title": title, "command": shown, "seconds": round(seconds, 1)})
         return p.stdout
 
-    model = os.path.join(out, "model.h5")
-    hf = os.path.join(out, "model-hf")
-    back = os.path.join(out, "model-roundtrip.h5")
-    step("initialise a model", [exe, "init", "--config", args.config, model, "--seed", "0", "--force"])
-    step("inspect and verify it", [exe, "inspect", model, "--pp", str(args.ranks), "--verify"])
+    mpi = [mpirun, "-n", str(args.ranks), exe]
+    data, run_dir = os.path.join(out, "data"), os.path.join(out, "pretrain")
+    model, hf, back = os.path.join(run_dir, "final.h5"), os.path.join(out, "model-hf"), os.path.join(out, "roundtrip.h5")
+    step("prepare the standard library", [exe, "prepare", "--input", os.path.join(stdlib, "*.py"), "--output", data,
+                                          "--train-tokenizer", "2048", "--split", "0.9,0.05,0.05", "--skip-bad", "--force"])
+    step(f"pretrain a tiny Llama on {args.ranks} pipeline stages",
+         [*mpi, "train", "--config", "tiny-train", "--data", data, "--out", run_dir, "--pp", str(args.ranks),
+          "--steps", str(args.steps), "--force"])
+    step("inspect and verify the result", [exe, "inspect", model, "--pp", str(args.ranks), "--verify"])
     step("convert to an HF directory", [exe, "convert", model, hf, "--format", "hf", "--force"])
     step("convert back to HDF5", [exe, "convert", hf, back, "--force"])
-    a = json.loads(step("summary of the original", [exe, "inspect", model, "--json"], show_output=False))
-    b = json.loads(step("summary of the round trip", [exe, "inspect", back, "--json"], show_output=False))
     same = _checksums(model) == _checksums(back)
-    print(f"round trip HDF5 -> HF -> HDF5: {'bit-identical' if same else 'DIFFERENT'} "
-          f"({a['tensors']} tensors, {a['bytes'] / 1e6:.0f} MB)")
-    if not same or a["bytes"] != b["bytes"]:
+    print(f"round trip HDF5 -> HF -> HDF5: {'bit-identical' if same else 'DIFFERENT'}")
+    if not same:
         raise HpcLlamaError("the converted checkpoint differs from the original")
-    pipe = step(f"{args.ranks} pipeline stages reading the HF directory in place",
-                [mpirun, "-n", str(args.ranks), exe, "check", "--model", hf, "--pp", str(args.ranks)])
-    data = step(f"{args.ranks} data-parallel replicas reading the HDF5 file",
-                [mpirun, "-n", str(args.ranks), exe, "check", "--model", model, "--pp", "1"])
-    docs = os.path.join(out, "documents.jsonl")
-    _token_documents(docs, a["config"]["vocab_size"])
-    step(f"score on {args.ranks} pipeline stages", [mpirun, "-n", str(args.ranks), exe, "score", "--model", model,
-         "--input", docs, "--output", os.path.join(out, "scores-pp.jsonl"), "--pp", str(args.ranks), "--overwrite"])
-    step("score in one process", [exe, "score", "--model", model, "--input", docs,
-                                  "--output", os.path.join(out, "scores-1.jsonl"), "--overwrite", "--quiet"])
-    diff = _max_loglik_difference(os.path.join(out, "scores-pp.jsonl"), os.path.join(out, "scores-1.jsonl"))
-    with open(os.path.join(out, "scores-pp.jsonl.summary.json")) as f:
+    check = step(f"{args.ranks} stages reading the HF directory in place",
+                 [*mpi, "check", "--model", hf, "--pp", str(args.ranks)])
+    held_out = [os.path.join(stdlib, "json", "*.py"), os.path.join(stdlib, "email", "*.py")]
+    scores = os.path.join(out, "scores.jsonl")
+    step(f"score held-out code on {args.ranks} stages",
+         [*mpi, "score", "--model", model, "--input", *held_out, "--output", scores, "--pp", str(args.ranks),
+          "--context", "256", "--overwrite"])
+    step("score it in one process", [exe, "score", "--model", model, "--input", *held_out, "--output",
+                                     os.path.join(out, "scores-1.jsonl"), "--context", "256", "--overwrite", "--quiet"])
+    diff = _max_loglik_difference(scores, os.path.join(out, "scores-1.jsonl"))
+    with open(scores + ".summary.json") as f:
         summary = json.load(f)
-    print(f"scored {summary['documents']} documents ({summary['tokens']} tokens) at {summary['tokens_per_s_this_run']:.0f} "
-          f"tokens/s on {args.ranks} stages; largest difference from one process: {diff:.2e}")
-    report = os.path.join(out, "report.md")
-    with open(report, "w") as f:
-        f.write("# hpc-llama demo\n\n")
-        f.write(f"Model: `{args.config}` preset, {a['parameters'] / 1e6:.1f}M parameters, seed 0.\n\n")
+    with open(os.path.join(run_dir, "test.json")) as f:
+        test = json.load(f)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    _report(out, args, steps, rows, val, test, summary, diff, check, same)
+    print(f"\ntrained {args.steps} steps: validation loss {val[0][1]:.2f} -> {val[-1][1]:.2f} nats/token "
+          f"(unigram baseline {test['unigram_baseline']:.2f}); held-out perplexity {summary['corpus_ppl']:.1f} "
+          f"over {summary['tokens']} tokens (largest difference from one process {diff:.1e})")
+    print(f"wrote {os.path.join(out, 'report.md')} and {os.path.join(run_dir, 'loss.png')}")
+    return 0
+
+
+def _report(out, args, steps, rows, val, test, summary, diff, check, same):
+    import math
+    import os
+
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("# hpc-llama demo\n\n![loss](pretrain/loss.png)\n\n")
         f.write("| step | seconds | command |\n|---|---|---|\n")
         for s in steps:
             f.write(f"| {s['title']} | {s['seconds']} | `{s['command']}` |\n")
-        f.write(f"\nRound trip HDF5 -> HF -> HDF5: {'bit-identical' if same else 'different'}.\n\n")
-        for title, text in (("Pipeline check", pipe), ("Data-parallel check", data)):
-            f.write(f"## {title}\n\n```\n{text.strip()}\n```\n\n")
-        f.write(f"## Scoring\n\n{summary['documents']} documents, {summary['tokens']} tokens, corpus perplexity "
-                f"{summary['corpus_ppl']:.1f} (a random model: about the vocabulary size), "
-                f"{summary['tokens_per_s_this_run']:.0f} tokens/s on {args.ranks} pipeline stages, padding waste "
-                f"{summary['padding_waste']:.1%}. Largest |loglik| difference between {args.ranks} stages and one "
-                f"process: {diff:.2e}.\n")
-    print(f"\nwrote {report}\noutputs in {out}: model.h5, model-hf/, model-roundtrip.h5, documents.jsonl, "
-          f"scores-pp.jsonl (+ .summary.json), scores-1.jsonl, report.md")
-    return 0
+        f.write(f"\n## Pretraining\n\n{args.steps} steps on {args.ranks} pipeline stages; final train loss "
+                f"{rows[-1]['loss']:.3f}. Validation loss (nats/token) by step: "
+                + ", ".join(f"{s}: {v:.3f}" for s, v in val)
+                + f". Test loss {test['test_loss']:.3f} (perplexity {test['test_ppl']:.1f}) against the unigram "
+                f"baseline {test['unigram_baseline']:.3f} (perplexity {math.exp(test['unigram_baseline']):.0f}).\n")
+        f.write(f"\n## Checkpoint\n\nRound trip HDF5 -> HF -> HDF5: {'bit-identical' if same else 'different'}.\n\n"
+                f"```\n{check.strip()}\n```\n")
+        f.write(f"\n## Scoring held-out code\n\n{summary['documents']} modules of the json and email packages, "
+                f"{summary['tokens']} tokens: corpus perplexity {summary['corpus_ppl']:.1f}, "
+                f"{summary['tokens_per_s_this_run']:.0f} tokens/s on {args.ranks} stages, padding waste "
+                f"{summary['padding_waste']:.1%}. Largest |loglik| difference from one process: {diff:.1e}.\n")
 
 
 def _checksums(path: str) -> dict:
@@ -119,18 +133,6 @@ def _checksums(path: str) -> dict:
 
     with open_checkpoint(path) as r:
         return {n: r.info(n).checksum for n in r.names()}
-
-
-def _token_documents(path: str, vocab: int, n: int = 64) -> None:
-    import json
-
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    with open(path, "w") as f:
-        for i in range(n):
-            length = int(np.clip(rng.lognormal(np.log(60), 0.8), 1, 400))
-            f.write(json.dumps({"id": f"doc-{i}", "input_ids": rng.integers(3, vocab, length).tolist()}) + "\n")
 
 
 def _max_loglik_difference(a: str, b: str) -> float:

@@ -54,7 +54,7 @@ test: install-test
 	$(MAKE) test-serial test-mpi
 
 test-serial:
-	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not mpi" tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not mpi" --durations=15 tests
 
 test-mpi:
 	DS_ACCELERATOR=cpu timeout $(MPI_TIMEOUT) $(VENV)/bin/mpirun -n 2 $(PY) -m pytest --with-mpi -m mpi -q tests

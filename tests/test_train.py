@@ -260,11 +260,12 @@ def test_lora_adapters_alone(pipeline_run, corpus, tmp_path):
     run = tmp_path / "lora"
     hpc(2, "train", *TINY, "--data", data, "--init", os.path.join(pipeline_run, "final.h5"), "--out", run,
         "--pp", "2", "--lora", "4", "--steps", "3", "--set", "train.export=adapters", "--set", "train.eval_every=0",
+        "--set", "train.lora_targets=[wq,wk,wv,wo,w2]",
         "--set", "train.eval_sequences=4", "--quiet")
     with h5py.File(run / "adapters.h5") as f:
         names = list(f["tensors"])
     assert names and all(n.endswith((".lora_a", ".lora_b")) for n in names)
-    assert len(names) == 4 * 4 * 2  # 4 layers x wq wk wv wo x (A, B)
+    assert len(names) == 4 * 5 * 2  # 4 layers x (wq wk wv wo, and the MLP's w2) x (A, B)
 
 
 # --- bad input ------------------------------------------------------------------------------

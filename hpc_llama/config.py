@@ -147,9 +147,56 @@ class TrainConfig:
             raise ValueError(f"export must be merged or adapters, got {self.export!r}")
 
 
+@dataclass(frozen=True)
+class GenerateConfig:
+    """How `hpc-llama generate` reads prompts, batches them and decides when to stop."""
+
+    prompt_field: str = "prompt"
+    """JSONL field holding a prompt's text (a record may give input_ids instead)."""
+    id_field: str = "id"
+    """JSONL field holding a prompt's id."""
+    max_new_tokens: int = 128
+    """Most tokens generated per prompt."""
+    temperature: float = 0.0
+    """0: greedy; otherwise sample from softmax(logits / temperature)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0: all)."""
+    top_p: float = 1.0
+    """Sample among the smallest set of tokens whose probability reaches p."""
+    seed: int = 0
+    """Seed of every prompt's own sampler (mixed with the prompt's index), so layouts agree."""
+    stops: tuple[str, ...] = ()
+    """Strings that end a completion; the completion is cut before them."""
+    batch_size: int = 8
+    """Sequence slots per data-parallel replica (continuous batching refills them)."""
+    groups: int = 0
+    """Micro-batches of slots in flight around the pipeline; 0 means 2 per stage."""
+    context: int = 0
+    """Longest prompt + completion; 0 means the model's context."""
+    add_bos: bool = True
+    """Put the model's BOS token before each text prompt."""
+    chunk_docs: int = 1024
+    """Prompts finished, gathered and written per step; a resumed job restarts at a step boundary."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must not be negative, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must not be negative, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("batch_size", "chunk_docs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.groups < 0 or self.context < 0:
+            raise ValueError("groups and context must not be negative")
+
+
 # Top-level YAML sections and the dataclass each is read into. Jobs add theirs here.
 SECTIONS: dict[str, type] = {"model": ModelConfig, "parallel": ParallelConfig, "score": ScoreConfig,
-                             "train": TrainConfig}
+                             "train": TrainConfig, "generate": GenerateConfig}
 
 
 def from_dict(cls, data: dict | None, where: str):

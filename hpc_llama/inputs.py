@@ -76,6 +76,8 @@ class Fields:
     id: str = "id"
     response: str | None = None
     """Set for task data: records then need `text` (the prompt field) and this field."""
+    text_lines: bool = False
+    """A plain-text file holds one document per non-empty line (prompts), not one in all."""
 
 
 def parse_line(raw: bytes, where: str, index: int, fields: Fields, vocab_size: int | None) -> Document:
@@ -122,6 +124,21 @@ def read_documents(files: list[InputFile], fields: Fields = Fields(), vocab_size
     """
     index = 0
     for f in files:
+        if f.kind == "text" and fields.text_lines:
+            with open(f.path, "rb") as fh:
+                for lineno, raw in enumerate(fh, 1):
+                    if not raw.strip():
+                        continue
+                    if index >= start:
+                        where = f"{f.path}:{lineno}"
+                        try:
+                            yield Document(index, where, _utf8(raw.rstrip(b"\r\n"), where), None, where)
+                        except HpcLlamaError as e:
+                            if on_error is None:
+                                raise
+                            on_error(e)
+                    index += 1
+            continue
         if f.kind == "text":
             if index >= start:
                 with open(f.path, "rb") as fh:

@@ -194,6 +194,29 @@ class KVCache:
         used = int(positions.max()) + 1
         return self.k[:, :used], self.v[:, :used]
 
+    def rows(self, rows):
+        """This cache restricted to some rows: a slice is a view (no copy); a tensor of row ids
+        writes through to them and reads a gathered copy."""
+        if isinstance(rows, slice):
+            view = KVCache.__new__(KVCache)
+            view.k, view.v = self.k[rows], self.v[rows]
+            return view
+        return _RowsOf(self, rows)
+
+
+class _RowsOf:
+    def __init__(self, cache: KVCache, rows: torch.Tensor):
+        self.cache, self.row_ids = cache, rows
+
+    def update(self, positions, k, v):
+        if int(positions.max()) >= self.cache.k.shape[1]:
+            raise ValueError(f"position {int(positions.max())} is past the cache length {self.cache.k.shape[1]}")
+        idx = self.row_ids[:, None]
+        self.cache.k[idx, positions] = k
+        self.cache.v[idx, positions] = v
+        used = int(positions.max()) + 1
+        return self.cache.k[self.row_ids, :used], self.cache.v[self.row_ids, :used]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None):

@@ -94,14 +94,18 @@ class Journal:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def finish(self, fmt: str, token_logprobs: bool) -> None:
-        """Write the final output from the partial file, atomically, and remove the journal."""
+    def finish(self, fmt: str, columns: dict[str, str]) -> None:
+        """Write the final output from the partial file, atomically, and remove the journal.
+
+        `columns` names each record field's kind (int, float, str, id, int_list,
+        float_list) for the typed formats.
+        """
         if fmt == "jsonl":
             os.replace(self.partial, self.out)
         else:
             tmp = f"{self.out}.tmp-{os.getpid()}"
             try:
-                (write_parquet if fmt == "parquet" else write_hdf5)(self.partial, tmp, token_logprobs)
+                (write_parquet if fmt == "parquet" else write_hdf5)(self.partial, tmp, columns)
                 os.replace(tmp, self.out)
             except BaseException:
                 if os.path.exists(tmp):
@@ -109,6 +113,11 @@ class Journal:
                 raise
             os.remove(self.partial)
         os.remove(self.path)
+
+
+SCORE_COLUMNS = {"index": "int", "id": "id", "n_tokens": "int", "loglik": "float", "ppl": "float"}
+GENERATE_COLUMNS = {"index": "int", "id": "id", "completion": "str", "tokens": "int_list", "n_prompt_tokens": "int",
+                    "n_new_tokens": "int", "finish_reason": "str"}
 
 
 def _records(partial: str, batch: int = 65536):
@@ -137,57 +146,64 @@ def _id_value(v, kind: str):
     return v if isinstance(v, str) else json.dumps(v)
 
 
-def write_parquet(partial: str, dst: str, token_logprobs: bool) -> None:
+def write_parquet(partial: str, dst: str, columns: dict[str, str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    kind = _id_type(partial)
-    fields = [("index", pa.int64()), ("id", pa.int64() if kind == "int" else pa.string()), ("n_tokens", pa.int64()),
-              ("loglik", pa.float64()), ("ppl", pa.float64())]
-    if token_logprobs:
-        fields.append(("token_logprobs", pa.list_(pa.float32())))
-    schema = pa.schema(fields)
+    id_kind = _id_type(partial)
+    types = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "int_list": pa.list_(pa.int64()),
+             "float_list": pa.list_(pa.float32()), "id": pa.int64() if id_kind == "int" else pa.string()}
+    schema = pa.schema([(name, types[kind]) for name, kind in columns.items()])
     with pq.ParquetWriter(dst, schema) as w:
         for recs in _records(partial):
-            cols = {name: [(_id_value(r[name], kind) if name == "id" else r[name]) for r in recs]
-                    for name, _ in fields}
+            cols = {name: [(_id_value(r[name], id_kind) if kind == "id" else r[name]) for r in recs]
+                    for name, kind in columns.items()}
             w.write_table(pa.table(cols, schema=schema))
 
 
-def write_hdf5(partial: str, dst: str, token_logprobs: bool) -> None:
+def write_hdf5(partial: str, dst: str, columns: dict[str, str]) -> None:
+    """One dataset per column; a list column is flattened, with `<name>_offsets` marking each record's part;
+    a missing float is NaN, a missing integer id the smallest int64 (attribute `missing`)."""
     import h5py
     import numpy as np
 
-    kind = _id_type(partial)
+    id_kind = _id_type(partial)
+    scalar = {"int": np.int64, "float": np.float64, "str": h5py.string_dtype(),
+              "id": np.int64 if id_kind == "int" else h5py.string_dtype()}
+    lists = {"int_list": np.int64, "float_list": np.float32}
+    missing = np.iinfo(np.int64).min
     with h5py.File(dst, "w") as f:
-        f.attrs["format"] = "hpc_llama.scores"
-        cols = {"index": np.int64, "n_tokens": np.int64, "loglik": np.float64, "ppl": np.float64}
-        ds = {k: f.create_dataset(k, (0,), dtype=t, maxshape=(None,), chunks=(65536,)) for k, t in cols.items()}
-        ids = f.create_dataset("id", (0,), dtype=np.int64 if kind == "int" else h5py.string_dtype(),
-                               maxshape=(None,), chunks=(65536,))
-        if kind == "int":
-            ids.attrs["missing"] = np.iinfo(np.int64).min
-        if token_logprobs:
-            flat = f.create_dataset("token_logprobs", (0,), dtype=np.float32, maxshape=(None,), chunks=(1 << 18,))
-            offsets = f.create_dataset("token_offsets", (1,), dtype=np.int64, maxshape=(None,), chunks=(65536,))
-            offsets[0] = 0
+        f.attrs["format"] = "hpc_llama.records"
+        ds, flat, offsets = {}, {}, {}
+        for name, kind in columns.items():
+            if kind in lists:
+                flat[name] = f.create_dataset(name, (0,), dtype=lists[kind], maxshape=(None,), chunks=(1 << 18,))
+                offsets[name] = f.create_dataset(f"{name}_offsets", (1,), dtype=np.int64, maxshape=(None,),
+                                                 chunks=(65536,))
+                offsets[name][0] = 0
+            else:
+                ds[name] = f.create_dataset(name, (0,), dtype=scalar[kind], maxshape=(None,), chunks=(65536,))
+                if kind == "id" and id_kind == "int":
+                    ds[name].attrs["missing"] = missing
         n = 0
         for recs in _records(partial):
             m = len(recs)
-            for k, d in ds.items():
+            for name, d in ds.items():
+                kind = columns[name]
                 d.resize((n + m,))
-                d[n:] = [np.nan if r[k] is None else r[k] for r in recs]
-            ids.resize((n + m,))
-            if kind == "int":
-                ids[n:] = [np.iinfo(np.int64).min if r["id"] is None else r["id"] for r in recs]
-            else:
-                ids[n:] = ["" if r["id"] is None else _id_value(r["id"], kind) for r in recs]
-            if token_logprobs:
-                lengths = [len(r["token_logprobs"]) for r in recs]
-                start = int(offsets[-1])
-                flat.resize((start + sum(lengths),))
+                if kind == "id":
+                    d[n:] = [(missing if id_kind == "int" else "") if r[name] is None else _id_value(r[name], id_kind)
+                             for r in recs]
+                elif kind == "float":
+                    d[n:] = [np.nan if r[name] is None else r[name] for r in recs]
+                else:
+                    d[n:] = [r[name] for r in recs]
+            for name in flat:
+                lengths = [len(r[name]) for r in recs]
+                start = int(offsets[name][-1])
+                flat[name].resize((start + sum(lengths),))
                 if sum(lengths):
-                    flat[start:] = np.concatenate([np.asarray(r["token_logprobs"], np.float32) for r in recs])
-                offsets.resize((n + m + 1,))
-                offsets[n + 1:] = start + np.cumsum(lengths)
+                    flat[name][start:] = np.concatenate([np.asarray(r[name], flat[name].dtype) for r in recs])
+                offsets[name].resize((n + m + 1,))
+                offsets[name][n + 1:] = start + np.cumsum(lengths)
             n += m

@@ -15,10 +15,11 @@ import torch
 
 from .config import ParallelConfig, ScoreConfig
 from .errors import HpcLlamaError
-from .mpi_utils import allgather_array, gather_array
+from .mpi_utils import gather_array
 from .partition import stage_and_replica
 from .procstats import peak_rss
 from .scoring import Window, call_tensors, dummy_call, plan_calls, replica_rounds, rolling_windows, score_head
+from .tokenizer import tokenize_documents
 
 
 @dataclass
@@ -74,28 +75,6 @@ class Scorer:
         mine = dict(self.load_stats, peak_rss=peak_rss())
         return self.comm.gather(mine, root=0) if self.comm is not None else [mine]
 
-    # --- tokenizing ----------------------------------------------------------
-
-    def sequences(self, docs) -> list[np.ndarray]:
-        """Token sequences of a step's documents (BOS first for text), tokenized in parallel across ranks."""
-        size = self.info.world_size
-        mine = [j for j in range(len(docs)) if j % size == self.info.rank]
-        texts = [docs[j].text for j in mine if docs[j].text is not None]
-        encoded = iter(self.tokenizer.encode_batch(texts)) if texts else iter(())
-        seqs = []
-        for j in mine:
-            d = docs[j]
-            ids = list(d.input_ids) if d.text is None else ([self.bos] if self.bos is not None else []) + next(encoded)
-            seqs.append(np.asarray(ids, dtype=np.int32))
-        lengths = allgather_array(self.comm, np.array([len(s) for s in seqs], dtype=np.int64))
-        flat = allgather_array(self.comm, np.concatenate(seqs) if seqs else np.zeros(0, np.int32))
-        out: list = [None] * len(docs)
-        for r in range(size):
-            parts = np.split(flat[r], np.cumsum(lengths[r])[:-1]) if len(lengths[r]) else []
-            for j, part in zip(range(r, len(docs), size), parts):
-                out[j] = part
-        return out
-
     # --- running -------------------------------------------------------------
 
     def _forward(self, batches):
@@ -108,7 +87,7 @@ class Scorer:
 
     def score_step(self, docs) -> StepResult | None:
         """Score a step's documents; rank 0 gets the per-document results, others None."""
-        seqs = self.sequences(docs)
+        seqs = tokenize_documents(docs, self.tokenizer, self.bos, self.comm, self.info.rank, self.info.world_size)
         windows = [Window(d, *w) for d, s in enumerate(seqs) for w in rolling_windows(len(s), self.context, self.stride)]
         calls = plan_calls([w.length for w in windows], self.cfg.tokens_per_batch, self.cfg.max_batch, self.micro_batches)
         ids, ll, lps, lp_len = [], [], [], []

@@ -36,3 +36,31 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
+
+
+def tokenize_documents(docs, tokenizer, bos: int | None, comm, rank: int = 0, size: int = 1) -> list:
+    """Token sequences (int32 arrays) of documents, BOS first for text; `input_ids` are kept as given.
+
+    Ranks tokenize a share each (document j on rank j mod size) and exchange
+    the ids with Allgatherv, so every rank ends with all of them.
+    """
+    import numpy as np
+
+    from .mpi_utils import allgather_array
+
+    mine = [j for j in range(len(docs)) if j % size == rank]
+    texts = [docs[j].text for j in mine if docs[j].text is not None]
+    encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
+    seqs = []
+    for j in mine:
+        d = docs[j]
+        ids = list(d.input_ids) if d.text is None else ([bos] if bos is not None else []) + next(encoded)
+        seqs.append(np.asarray(ids, dtype=np.int32))
+    lengths = allgather_array(comm, np.array([len(s) for s in seqs], dtype=np.int64))
+    flat = allgather_array(comm, np.concatenate(seqs) if seqs else np.zeros(0, np.int32))
+    out: list = [None] * len(docs)
+    for r in range(size):
+        parts = np.split(flat[r], np.cumsum(lengths[r])[:-1]) if len(lengths[r]) else []
+        for j, part in zip(range(r, len(docs), size), parts):
+            out[j] = part
+    return out

@@ -144,7 +144,7 @@ def test_parquet_and_hdf5_hold_the_same_records(model_dir, mixed_docs, tmp_path)
         assert (a["id"] is None and b["id"] is None) or str(a["id"]) == b["id"]
     with h5py.File(tmp_path / "s.h5") as f:
         assert f["loglik"][:].tolist() == [r["loglik"] for r in ref]
-        off = f["token_offsets"][:]
+        off = f["token_logprobs_offsets"][:]
         k = 3
         assert np.allclose(f["token_logprobs"][off[k]:off[k + 1]], ref[k]["token_logprobs"])
         assert np.isnan(f["ppl"][[r["id"] for r in ref].index("empty")])

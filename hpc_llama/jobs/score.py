@@ -48,7 +48,7 @@ def run(args) -> int:
     from ..config import ParallelConfig, ScoreConfig, load_sections
     from ..inputs import Fields, chunks, expand_inputs, read_documents, scan_inputs
     from ..progress import Progress
-    from ..results import Journal, output_format, record_line
+    from ..results import SCORE_COLUMNS, Journal, output_format, record_line
     from ..runtime import start_distributed, start_rank, stop_distributed, world_comm
     from ..scorer import Scorer
     from ..tokenizer import Tokenizer
@@ -97,7 +97,8 @@ def run(args) -> int:
                 progress.update(len(step), int(result.n_tokens.sum()))
         ranks = scorer.rank_stats()
         if info.rank == 0:
-            journal.finish(fmt, cfg.token_logprobs)
+            columns = dict(SCORE_COLUMNS, **({"token_logprobs": "float_list"} if cfg.token_logprobs else {}))
+            journal.finish(fmt, columns)
             _write_summary(args, journal, files, parallel, info, scorer, time.time() - t_start, progress, ranks)
         progress.close()
         if comm is not None:

@@ -218,6 +218,10 @@ class _RowsOf:
         return self.cache.k[self.row_ids, :used], self.cache.v[self.row_ids, :used]
 
 
+# torch >= 2.5 lets SDPA share KV heads among query heads itself.
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
@@ -237,14 +241,17 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(positions, k, v)  # (B, S, kv, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, hd)
+        gqa = {}
         if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+            if _SDPA_GQA:
+                gqa = {"enable_gqa": True}  # shares each KV head among its query heads without copying
+            else:
+                rep = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -44,7 +44,8 @@ class Journal:
         self.out = os.path.abspath(out)
         self.partial = self.out + ".partial"
         self.path = self.out + ".journal.json"
-        self.fingerprint = fingerprint
+        # As it will read back from JSON (tuples become lists), so a rerun compares equal.
+        self.fingerprint = fingerprint = json.loads(json.dumps(fingerprint))
         self.state = {"documents": 0, "bytes": 0, "steps": 0, "stats": {}}
         self.resumed = False
         if os.path.exists(self.out) and not overwrite:

@@ -188,8 +188,9 @@ def many_docs(tmp_path_factory):
 def _rank_processes(proc):
     import psutil
 
+    # The ranks are the python processes running hpc-llama (not mpirun's own helpers).
     return [c for c in psutil.Process(proc.pid).children(recursive=True)
-            if "score" in " ".join(c.cmdline())]
+            if "hpc-llama" in " ".join(c.cmdline()) and "mpirun" not in c.cmdline()[0] and "hydra" not in c.name()]
 
 
 def _kill_midway(cmd, journal, how):

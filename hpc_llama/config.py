@@ -170,11 +170,13 @@ class GenerateConfig:
     batch_size: int = 8
     """Sequence slots per data-parallel replica (continuous batching refills them)."""
     groups: int = 0
-    """Micro-batches of slots in flight around the pipeline; 0 means 2 per stage."""
+    """Micro-batches of slots in flight around the pipeline; 0 means one per stage."""
     context: int = 0
     """Longest prompt + completion; 0 means the model's context."""
     add_bos: bool = True
-    """Put the model's BOS token before each text prompt."""
+    """Put the model's BOS token before each text prompt (not with `chat`: the template decides)."""
+    chat: bool = False
+    """Wrap each text prompt in the checkpoint's chat template as one user turn, ready for the answer."""
     chunk_docs: int = 1024
     """Prompts finished, gathered and written per step; a resumed job restarts at a step boundary."""
 

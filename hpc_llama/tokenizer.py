@@ -38,6 +38,63 @@ class Tokenizer:
         return self.tok.token_to_id(token)
 
 
+class ChatTokenizer:
+    """A tokenizer that first puts each text in the checkpoint's chat template, as one user turn.
+
+    The template is tokenizer_config.json's Jinja `chat_template`, rendered in
+    a sandbox as transformers' `apply_chat_template(add_generation_prompt=True)`
+    does; the special tokens it writes (<|im_start|>, ...) encode as themselves.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, template: str, special: dict):
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self.template = env.from_string(template)
+        except TemplateError as e:
+            raise HpcLlamaError(f"the checkpoint's chat template does not parse: {e}") from None
+        self.tokenizer, self.special = tokenizer, special
+        self.vocab_size = tokenizer.vocab_size
+
+    @classmethod
+    def from_checkpoint(cls, reader, tokenizer: Tokenizer) -> ChatTokenizer:
+        import json
+
+        raw = reader.asset("tokenizer_config.json")
+        config = json.loads(raw) if raw else {}
+        if not config.get("chat_template") or not isinstance(config["chat_template"], str):
+            raise HpcLlamaError("--chat: the checkpoint has no chat template (tokenizer_config.json chat_template)")
+        special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
+        return cls(tokenizer, config["chat_template"], special)
+
+    def render(self, text: str) -> str:
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self.template.render(messages=[{"role": "user", "content": text}], add_generation_prompt=True,
+                                        **self.special)
+        except TemplateError as e:
+            raise HpcLlamaError(f"the chat template failed: {e}") from None
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer.encode_batch([self.render(t) for t in texts])
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(self.render(text))
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_id(token)
+
+
 def tokenize_documents(docs, tokenizer, bos: int | None, comm, rank: int = 0, size: int = 1) -> list:
     """Token sequences (int32 arrays) of documents, BOS first for text; `input_ids` are kept as given.
 

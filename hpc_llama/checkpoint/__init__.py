@@ -1,7 +1,8 @@
 """Checkpoints: open any supported format, and build a rank's model slice from it.
 
 Formats: the hpc_llama HDF5 file (`.h5`), a directory of HDF5 shards with
-`index.json`, and an HF model directory (config.json + safetensors). Each is
+`index.json`, an HF model directory (config.json + safetensors), and
+llama.cpp's GGUF (read only). Each is
 read tensor by tensor, so a rank touches only the bytes of the parts it owns.
 """
 
@@ -24,7 +25,10 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def open_checkpoint(path: str) -> CheckpointReader:
-    """Open a checkpoint of any supported format for reading."""
+    """Open a checkpoint of any supported format for reading (`smollm2-135m`: the embedded model)."""
+    from ..embedded import resolve
+
+    path = resolve(path)
     if not os.path.exists(path):
         raise HpcLlamaError(f"{path}: no such file or directory")
     if os.path.isdir(path):
@@ -39,9 +43,13 @@ def open_checkpoint(path: str) -> CheckpointReader:
         magic = f.read(8)
     if magic == HDF5_SIGNATURE:
         return H5Checkpoint(path)
+    if magic[:4] == b"GGUF":
+        from .gguf import GGUFCheckpoint
+
+        return GGUFCheckpoint(path)
     if path.endswith(".safetensors"):
         raise HpcLlamaError(f"{path}: a lone .safetensors file has no model config; give its HF directory")
-    raise HpcLlamaError(f"{path}: not a checkpoint (neither HDF5 nor a model directory)")
+    raise HpcLlamaError(f"{path}: not a checkpoint (neither HDF5, GGUF nor a model directory)")
 
 
 def source_name(reader: CheckpointReader, name: str) -> str:

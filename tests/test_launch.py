@@ -119,13 +119,23 @@ def test_layout_errors_are_one_line_from_rank_0(ckpt):
 
 
 def test_demo_runs_end_to_end(tmp_path):
+    """The README's first command, shortened: the embedded real model converted, scored, asked and LoRA-tuned."""
     from conftest import run_cli
 
-    p = run_cli("demo", "--out", tmp_path / "demo", "--steps", "20", check=True, timeout=400)
+    p = run_cli("demo", "--out", tmp_path / "demo", "--steps", "20", "--lora-steps", "4", check=True, timeout=600)
     assert "bit-identical" in p.stdout and "validation loss" in p.stdout
+    assert "perplexity of SmolLM2 on 12 documentation topics" in p.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "max-abs difference 0.00e+00" in report and "Scoring held-out code" in report
-    assert (tmp_path / "demo" / "pretrain" / "loss.png").stat().st_size > 10_000
+    assert "max-abs difference 0.00e+00" in report and "LoRA fine-tune" in report
+    answers = [json.loads(line) for line in open(tmp_path / "demo" / "answers.jsonl")]
+    assert "Paris" in answers[0]["completion"]  # a real model, converted right, answering through its chat template
+    docs = json.load(open(tmp_path / "demo" / "docs-scores.jsonl.summary.json"))
+    assert docs["corpus_ppl"] < 40  # real English prose under a real model (a random one scores ~49,000)
+    lora = [r["val_loss"] for r in map(json.loads, open(tmp_path / "demo" / "lora" / "metrics.jsonl"))
+            if r.get("val_loss") is not None]
+    assert lora[-1] < lora[0]
+    for png in ("pretrain/loss.png", "lora/loss.png"):
+        assert (tmp_path / "demo" / png).stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("flavour", ["mpich", "openmpi"])

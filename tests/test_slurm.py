@@ -6,7 +6,9 @@ import os
 import pytest
 
 from conftest import BIN, ROOT, run_cli
+from test_checkpoint import one_line_error
 from test_score import read_jsonl, write_jsonl
+from test_train import corpus  # noqa: F401  (a fixture: real stdlib text, prepared)
 
 SLURM_ENV = {"PATH": f"{BIN}:{os.environ['PATH']}", "DS_ACCELERATOR": "cpu"}
 
@@ -77,3 +79,168 @@ def test_srun_describes_every_rank(slurm, scored_model, tmp_path):
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["node"] for r in rows] == ["n1", "n1", "n2", "n2"]  # Slurm's node names, not the host's
     assert "max-abs difference 0.00e+00" in out
+
+
+# --- generate -----------------------------------------------------------------------------------
+
+
+def test_generate_template_on_two_nodes(slurm, scored_model, tmp_path):
+    d, model, _ = scored_model
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"word {i} " * (i % 5 + 1) + "\n" for i in range(12)))
+    run_cli("generate", "--model", model, "--input", prompts, "--output", tmp_path / "one.jsonl",
+            "--max-new-tokens", "6", "--quiet", check=True)
+    conf = tmp_path / "gen.yaml"
+    conf.write_text("parallel:\n  pp: 2\ngenerate:\n  max_new_tokens: 6\n  batch_size: 4\n")
+    out = tmp_path / "slurm.jsonl"
+    env = dict(SLURM_ENV, MODEL=model, INPUT=str(prompts), OUTPUT=str(out), CONFIG=str(conf))
+    job = slurm.sbatch("-N", "2", "--ntasks-per-node=2", "--chdir", ROOT, "--output", tmp_path / "job.out",
+                       "--export=ALL", os.path.join(ROOT, "slurm", "generate.sbatch"), env=env)
+    info = slurm.wait(job)
+    assert info["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()
+    assert [r["tokens"] for r in read_jsonl(out)] == [r["tokens"] for r in read_jsonl(tmp_path / "one.jsonl")]
+    summary = json.load(open(str(out) + ".summary.json"))
+    assert summary["layout"]["pp"] == 2 and summary["layout"]["dp"] == 2
+
+
+# --- train: preemption and requeue ------------------------------------------------------------------
+
+
+def _wait_for_steps(slurm, job, run, n, timeout=240):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(os.path.join(run, "metrics.jsonl")) as f:
+                if sum(1 for _ in f) >= n:
+                    return
+        except OSError:
+            pass
+        assert slurm.job(job).get("JobState") in ("PENDING", "RUNNING", "REQUEUED"), slurm.job(job)
+        time.sleep(0.2)
+    raise AssertionError(f"the run did not reach {n} steps within {timeout} s")
+
+
+def test_train_template_survives_requeue_and_signal(slurm, corpus, tmp_path):
+    """Interrupted twice (scontrol requeue, then scancel --signal=USR1), requeued twice: the same losses."""
+    import subprocess
+
+    from test_train import TINY, metrics
+
+    _, data = corpus
+    steps = 60
+    flags = [*TINY, "--pp", "2", "--steps", str(steps), "--set", "train.global_batch=64", "--set",
+             "train.micro_batch=16", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=0", "--quiet"]
+    env = dict(SLURM_ENV, OMP_NUM_THREADS="1")  # one thread per rank on both sides: bit-for-bit comparable
+    subprocess.run([os.path.join(BIN, "mpirun"), "-n", "2", os.path.join(BIN, "hpc-llama"), "train", *flags,
+                    "--data", data, "--out", str(tmp_path / "whole")], check=True, timeout=300, cwd=ROOT,
+                   env=dict(os.environ, **env), capture_output=True)
+    run = tmp_path / "run"
+    job = slurm.sbatch("-N", "2", "--ntasks-per-node=1", "--chdir", ROOT, "--output", tmp_path / "job.out",
+                       "--export=ALL", os.path.join(ROOT, "slurm", "train.sbatch"),
+                       env=dict(env, CONFIG="tiny-train", DATA=data, OUT=str(run), TRAIN_ARGS=" ".join(flags[2:])))
+    _wait_for_steps(slurm, job, run, 10)
+    slurm.run("scontrol", "requeue", job)  # as a preemption does: SIGTERM to every task, then back in the queue
+    _wait_for_steps(slurm, job, run, 30)
+    assert slurm.job(job).get("Restarts") == "1"
+    slurm.run("scancel", "--signal=USR1", job)  # as the time limit's --signal=USR1@300 does
+    info = slurm.wait(job, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    log = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", log
+    assert "start 1," in log and "start 2," in log and "start 3," in log and log.count("requeueing job") >= 1
+    whole = [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(tmp_path / "whole")]
+    resumed = [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(run)]
+    assert len(whole) == steps and resumed == whole  # bit for bit in fp32
+    assert (run / "final.h5").exists()
+
+
+# --- job arrays ---------------------------------------------------------------------------------
+
+
+def test_array_and_merge_equal_one_job_byte_for_byte(slurm, scored_model, tmp_path):
+    d, model, docs = scored_model
+    conf = tmp_path / "score.yaml"
+    conf.write_text("parallel:\n  pp: 2\n")
+    env = dict(SLURM_ENV, MODEL=model, INPUT=docs, CONFIG=str(conf))
+    one = slurm.sbatch("-N", "1", "--ntasks-per-node=2", "--chdir", ROOT, "--output", tmp_path / "one.out",
+                       "--export=ALL", os.path.join(ROOT, "slurm", "score.sbatch"),
+                       env=dict(env, OUTPUT=str(tmp_path / "one.jsonl")))
+    out = tmp_path / "merged.jsonl"
+    p = slurm.run(os.path.join(ROOT, "slurm", "submit-array.sh"), "3", "--ntasks-per-node=2", "--chdir", ROOT,
+                  "--output", tmp_path / "task-%a.out", env=dict(env, OUTPUT=str(out)))
+    array, merge = (int(x) for x in p.stdout.split())
+    assert slurm.wait(one)["JobState"] == "COMPLETED"
+    info = slurm.wait(merge)
+    assert info["JobState"] == "COMPLETED", (tmp_path / "task-1.out").read_text()
+    assert out.read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    summary = json.load(open(str(out) + ".summary.json"))
+    assert [m["documents"] for m in summary["merged_from"]] == [17, 17, 16]
+    assert not list(tmp_path.glob("merged.jsonl.part-*"))
+
+
+def test_a_failed_array_task_cancels_the_merge(slurm, scored_model, tmp_path):
+    d, model, docs = scored_model
+    out = tmp_path / "merged.jsonl"
+    (tmp_path / "merged.jsonl.part-00001-of-00003.jsonl").write_text("stale\n")  # task 1 refuses to overwrite it
+    env = dict(SLURM_ENV, MODEL=model, INPUT=docs, OUTPUT=str(out), CONFIG=str(ROOT) + "/configs/score.yaml")
+    p = slurm.run(os.path.join(ROOT, "slurm", "submit-array.sh"), "3", "--ntasks-per-node=2", "--chdir", ROOT,
+                  "--output", tmp_path / "task-%a.out", env=env)
+    array, merge = (int(x) for x in p.stdout.split())
+    info = slurm.wait(merge, until=("COMPLETED", "FAILED", "CANCELLED"))
+    assert info["JobState"] == "CANCELLED" and "Dependency" in info.get("Reason", ""), info
+    assert "already exists" in (tmp_path / "task-1.out").read_text()
+    assert not out.exists()
+    # Merging by hand refuses too: the stale part has no summary.
+    one_line_error(run_cli("merge", "--output", out, check=False), "part 1 of 3 has no readable summary")
+    (tmp_path / "merged.jsonl.part-00001-of-00003.jsonl").unlink()
+    one_line_error(run_cli("merge", "--output", out, check=False), "part 1 of 3 is missing")
+    assert not out.exists()
+
+
+# --- scheduled scoring ------------------------------------------------------------------------------
+
+
+def test_scheduled_scoring_scores_only_new_documents(slurm, scored_model, tmp_path):
+    d, model, _ = scored_model
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    write_jsonl(incoming / "a.jsonl", [{"id": f"a{i}", "text": "alpha " * (i + 1)} for i in range(6)])
+    outdir = tmp_path / "scores"
+    outdir.mkdir()
+    env = dict(SLURM_ENV, MODEL=model, INPUT=str(incoming / "*.jsonl"), OUTDIR=str(outdir))
+
+    def run(period, every=None):
+        extra = {"EVERY": every} if every else {}
+        job = slurm.sbatch("-N", "1", "--ntasks-per-node=1", "--chdir", ROOT, "--output", tmp_path / f"{period}.out",
+                           "--export=ALL", os.path.join(ROOT, "slurm", "score-scheduled.sbatch"),
+                           env=dict(env, PERIOD=period, CONFIG=str(conf), **extra))
+        info = slurm.wait(job)
+        assert info["JobState"] == "COMPLETED", (tmp_path / f"{period}.out").read_text()
+        return (tmp_path / f"{period}.out").read_text()
+
+    conf = tmp_path / "score.yaml"
+    conf.write_text("parallel:\n  pp: 1\n")
+    log = run("2026-11-01", every="1day")
+    first = read_jsonl(outdir / "scores-2026-11-01.jsonl")
+    assert [r["id"] for r in first] == [f"a{i}" for i in range(6)]
+    nxt = int(log.split("next run: job ")[1].split(",")[0])
+    pending = slurm.job(nxt)
+    assert pending["JobState"] == "PENDING" and pending["Reason"] == "BeginTime", pending
+    slurm.run("scancel", nxt)
+    # New documents arrive, one of them a copy of an old one under another id.
+    write_jsonl(incoming / "b.jsonl", [{"id": "b0", "text": "beta beta"}, {"id": "b1", "text": "alpha alpha"},
+                                       {"id": "b2", "text": "gamma"}])
+    run("2026-11-02")
+    second = read_jsonl(outdir / "scores-2026-11-02.jsonl")
+    assert [r["id"] for r in second] == ["b0", "b2"]
+    before = (outdir / "scores-2026-11-02.jsonl").read_bytes(), (outdir / "ledger.tsv").read_bytes()
+    log = run("2026-11-02")  # the same period again: nothing to do
+    assert "nothing to do" in log
+    assert ((outdir / "scores-2026-11-02.jsonl").read_bytes(), (outdir / "ledger.tsv").read_bytes()) == before
+    assert len((outdir / "ledger.tsv").read_text().splitlines()) == 8
+    # Scores equal a plain job over the same documents.
+    run_cli("score", "--model", model, "--input", incoming / "b.jsonl", "--output", tmp_path / "b.jsonl", "--quiet",
+            check=True)
+    plain = {r["id"]: r["loglik"] for r in read_jsonl(tmp_path / "b.jsonl")}
+    assert all(abs(plain[r["id"]] - r["loglik"]) <= 1e-4 for r in second)

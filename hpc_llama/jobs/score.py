@@ -31,6 +31,10 @@ def add_arguments(p):
     p.add_argument("--max-batch", type=int, help="most sequences per micro-batch (default 64)")
     p.add_argument("--token-logprobs", action="store_true", help="also write per-token log-probabilities")
     p.add_argument("--no-bos", action="store_true", help="do not put BOS before text documents")
+    p.add_argument("--shard", metavar="I/N", help="score only the I-th of N contiguous blocks of the documents, into "
+                   "OUT.part-I-of-N.jsonl; `hpc-llama merge --output OUT` joins the N parts (job arrays)")
+    p.add_argument("--ledger", metavar="FILE", help="score only documents whose content is not in FILE, then add "
+                   "theirs (scheduled runs; see docs/slurm.md); an OUT that exists means done")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
 
@@ -43,12 +47,14 @@ _FLAGS = {"pp": "parallel.pp", "dtype": "parallel.dtype", "text_field": "score.t
 def run(args) -> int:
     import json
     import time
+    from itertools import islice
 
     from ..checkpoint import open_checkpoint
     from ..config import ParallelConfig, ScoreConfig, load_sections
     from ..inputs import Fields, chunks, expand_inputs, read_documents, scan_inputs
     from ..progress import Progress
-    from ..results import SCORE_COLUMNS, Journal, output_format, record_line
+    from ..partition import shard_range
+    from ..results import SCORE_COLUMNS, Journal, output_format, parse_shard, part_path, record_line
     from ..runtime import start_distributed, start_rank, stop_distributed, world_comm
     from ..scorer import Scorer
     from ..tokenizer import Tokenizer
@@ -61,6 +67,10 @@ def run(args) -> int:
     comm = world_comm()
     info = start_rank(comm)
     fmt = output_format(args.output, args.format)
+    shard, out = None, args.output
+    if args.shard:  # a part is JSON lines whatever OUT's format: `merge` writes OUT
+        shard = parse_shard(args.shard)
+        out, fmt = part_path(args.output, *shard), "jsonl"
     reader = open_checkpoint(args.model)
     tokenizer = Tokenizer.from_checkpoint(reader)
     fields = Fields(cfg.text_field, cfg.id_field)
@@ -69,15 +79,22 @@ def run(args) -> int:
         from ..errors import HpcLlamaError
 
         raise HpcLlamaError(f"{info.world_size} ranks cannot be split into {parallel.pp} pipeline stages")
+    if args.ledger:
+        files = _select_new(args, out, shard, files, fields, reader, info, comm, cfg)
+        if files is None:
+            reader.close()
+            return 0
     journal, start = None, None
     if info.rank == 0:  # validate everything before any rank starts work or anything is written
         files, _ = scan_inputs(files, fields, reader.config.vocab_size, tokenizer is not None)
         fingerprint = {"model": reader.fingerprint(), "inputs": [[f.path, f.size, f.xxh3] for f in files],
-                       "options": {"score": cfg.__dict__, "dtype": parallel.dtype, "format": fmt}}
-        journal = Journal(args.output, fingerprint, args.overwrite)
+                       "options": {"score": cfg.__dict__, "dtype": parallel.dtype, "format": fmt, "shard": shard}}
+        journal = Journal(out, fingerprint, args.overwrite)
         start = journal.documents_done
     files, start = comm.bcast((files, start)) if comm is not None else (files, start)
-    total_docs = sum(f.documents for f in files)
+    n_all = sum(f.documents for f in files)
+    block = shard_range(n_all, *shard) if shard else range(n_all)
+    total_docs = len(block)
     if parallel.pp > 1:
         start_distributed(info, comm, parallel.timeout_s)
     try:
@@ -85,7 +102,7 @@ def run(args) -> int:
         progress = Progress(info, total_docs, start, quiet=args.quiet)
         if start:
             progress.log(f"resuming after {start} of {total_docs} documents")
-        docs = read_documents(files, fields, reader.config.vocab_size, start)
+        docs = islice(read_documents(files, fields, reader.config.vocab_size, block.start + start), total_docs - start)
         for step in chunks(docs, cfg.chunk_docs, cfg.chunk_chars):
             result = scorer.score_step(step)
             if info.rank == 0:
@@ -99,7 +116,11 @@ def run(args) -> int:
         if info.rank == 0:
             columns = dict(SCORE_COLUMNS, **({"token_logprobs": "float_list"} if cfg.token_logprobs else {}))
             journal.finish(fmt, columns)
-            _write_summary(args, journal, files, parallel, info, scorer, time.time() - t_start, progress, ranks)
+            if args.ledger:
+                _record_selection(args.ledger, out, fields, reader)
+            _write_summary(args, out, journal, files, parallel, info, scorer, time.time() - t_start, progress, ranks,
+                           shard and {"index": shard[0], "count": shard[1], "first": block.start,
+                                      "documents": len(block), "of": n_all})
         progress.close()
         if comm is not None:
             comm.Barrier()
@@ -109,7 +130,56 @@ def run(args) -> int:
     return 0
 
 
-def _write_summary(args, journal, files, parallel, info, scorer, wall, progress, ranks) -> None:
+def _select_new(args, out, shard, files, fields, reader, info, comm, cfg):
+    """Rank 0 writes OUT.inputs.jsonl, the documents not in the ledger; None when this period is done already."""
+    import os
+
+    from ..errors import HpcLlamaError
+    from ..inputs import InputFile, read_documents
+    from ..ledger import Ledger
+    from ..progress import Progress
+
+    if shard:
+        raise HpcLlamaError("--ledger and --shard do not go together")
+    selection = out + ".inputs.jsonl"
+    state = None
+    if info.rank == 0:
+        if os.path.exists(out) and not args.overwrite:
+            added = _record_selection(args.ledger, out, fields, reader)
+            Progress.say(info, f"{out} exists: this period is scored already, nothing to do"
+                         + (f" ({added} checksums were missing from the ledger and are added)" if added else ""))
+        else:
+            if not (os.path.exists(selection) and os.path.exists(out + ".journal.json")):  # else: resume as is
+                ledger = Ledger(args.ledger)
+                n = ledger.select(read_documents(files, fields, reader.config.vocab_size), selection,
+                                  cfg.text_field, cfg.id_field)
+                Progress.say(info, f"{n} new documents ({len(ledger.keys)} in the ledger) -> {selection}")
+            state = selection
+    state = comm.bcast(state) if comm is not None else state
+    if state is None:
+        return None
+    if os.path.getsize(state) == 0:
+        if info.rank == 0:
+            open(out, "w").close()  # a dated output with nothing new in it
+            Progress.say(info, f"no new documents: wrote an empty {out}")
+        return None
+    return [InputFile(state, "jsonl", os.path.getsize(state))]
+
+
+def _record_selection(ledger_path, out, fields, reader) -> int:
+    import os
+
+    from ..inputs import InputFile, read_documents
+    from ..ledger import Ledger
+
+    selection = out + ".inputs.jsonl"
+    if not os.path.exists(selection):
+        return 0
+    docs = read_documents([InputFile(selection, "jsonl", os.path.getsize(selection))], fields, reader.config.vocab_size)
+    return Ledger(ledger_path).record(docs, os.path.basename(out))
+
+
+def _write_summary(args, out, journal, files, parallel, info, scorer, wall, progress, ranks, shard=None) -> None:
     import json
     import math
     import os
@@ -117,7 +187,7 @@ def _write_summary(args, journal, files, parallel, info, scorer, wall, progress,
     stats = journal.state["stats"]
     tokens = stats.get("tokens", 0)
     summary = {
-        "output": os.path.abspath(args.output), "documents": journal.documents_done, "tokens": tokens,
+        "output": os.path.abspath(out), "documents": journal.documents_done, "tokens": tokens,
         "loglik": stats.get("loglik", 0.0),
         "corpus_ppl": math.exp(-stats["loglik"] / tokens) if tokens else None,
         "wall_s": round(wall, 3), "tokens_per_s_this_run": round(progress.tokens / max(wall, 1e-9), 1),
@@ -130,7 +200,9 @@ def _write_summary(args, journal, files, parallel, info, scorer, wall, progress,
                    for f in files],
         "ranks": ranks,
     }
-    path = os.path.abspath(args.output) + ".summary.json"
+    if shard:
+        summary["shard"] = shard
+    path = os.path.abspath(out) + ".summary.json"
     with open(path + ".tmp", "w") as f:
         json.dump(summary, f, indent=1)
     os.replace(path + ".tmp", path)

@@ -53,7 +53,6 @@ def run(args) -> int:
     from ..config import ParallelConfig, ScoreConfig, load_sections
     from ..inputs import Fields, chunks, expand_inputs, read_documents, scan_inputs
     from ..progress import Progress
-    from ..partition import shard_range
     from ..results import SCORE_COLUMNS, Journal, output_format, parse_shard, part_path, record_line
     from ..runtime import start_distributed, start_rank, stop_distributed, world_comm
     from ..scorer import Scorer
@@ -84,16 +83,17 @@ def run(args) -> int:
         if files is None:
             reader.close()
             return 0
-    journal, start = None, None
+    journal, start, block = None, None, None
     if info.rank == 0:  # validate everything before any rank starts work or anything is written
         files, _ = scan_inputs(files, fields, reader.config.vocab_size, tokenizer is not None)
+        n_all = sum(f.documents for f in files)
+        block = _shard_block(files, fields, reader, cfg, shard) if shard else range(n_all)
         fingerprint = {"model": reader.fingerprint(), "inputs": [[f.path, f.size, f.xxh3] for f in files],
                        "options": {"score": cfg.__dict__, "dtype": parallel.dtype, "format": fmt, "shard": shard}}
         journal = Journal(out, fingerprint, args.overwrite)
         start = journal.documents_done
-    files, start = comm.bcast((files, start)) if comm is not None else (files, start)
+    files, start, block = comm.bcast((files, start, block)) if comm is not None else (files, start, block)
     n_all = sum(f.documents for f in files)
-    block = shard_range(n_all, *shard) if shard else range(n_all)
     total_docs = len(block)
     if parallel.pp > 1:
         start_distributed(info, comm, parallel.timeout_s)
@@ -128,6 +128,25 @@ def run(args) -> int:
         reader.close()
         stop_distributed()
     return 0
+
+
+def _shard_block(files, fields, reader, cfg, shard) -> range:
+    """Shard I of N: the documents of the I-th of N contiguous runs of whole steps.
+
+    Steps are cut from the start of the input exactly as one job cuts them, so
+    every document is scored in the same batch as in one job, and the merged
+    parts are the same bytes.
+    """
+    from ..inputs import chunks, read_documents
+    from ..partition import shard_range
+
+    starts, n = [], 0
+    for step in chunks(read_documents(files, fields, reader.config.vocab_size), cfg.chunk_docs, cfg.chunk_chars):
+        starts.append(n)
+        n += len(step)
+    steps = shard_range(len(starts), *shard)
+    starts.append(n)
+    return range(starts[steps.start], starts[steps.stop])
 
 
 def _select_new(args, out, shard, files, fields, reader, info, comm, cfg):

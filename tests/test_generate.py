@@ -88,7 +88,7 @@ def test_greedy_equals_transformers_generate(model, reference, tmp_path, n, pp):
     assert summary["layout"]["pp"] == pp and len(summary["ranks"]) == n
 
 
-@pytest.mark.parametrize("n, pp", [(2, 2), (2, 1), (4, 2)])
+@pytest.mark.parametrize("n, pp", [(2, 1), (4, 2)])
 def test_seeded_sampling_is_the_same_on_every_layout(model, tmp_path, n, pp):
     prompts = write_prompts(tmp_path / "p.jsonl")
     common = ["--model", model, "--input", prompts, "--max-new-tokens", "16", "--temperature", "0.9",

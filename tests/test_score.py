@@ -219,18 +219,30 @@ def _kill_midway(cmd, journal, how):
     return steps
 
 
+def _resume_args(model_dir, many_docs):
+    return ["--model", model_dir, "--input", many_docs, "--pp", "2", "--context", CONTEXT,
+            "--set", "score.chunk_docs=40", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def whole_run(model_dir, many_docs, tmp_path_factory):
+    """The uninterrupted run that every interrupted one must equal, byte for byte."""
+    out = tmp_path_factory.mktemp("whole") / "whole.jsonl"
+    run_mpi(2, os.path.join(BIN, "hpc-llama"), "score", *_resume_args(model_dir, many_docs), "--output", out,
+            check=True)
+    return out.read_bytes()
+
+
 @pytest.mark.parametrize("how", ["kill-one", "term-all"])
-def test_killed_job_resumes_to_byte_identical_output(model_dir, many_docs, tmp_path, how):
-    common = ["--model", model_dir, "--input", many_docs, "--pp", "2", "--context", CONTEXT,
-              "--set", "score.chunk_docs=40", "--quiet"]
-    run_mpi(2, os.path.join(BIN, "hpc-llama"), "score", *common, "--output", tmp_path / "whole.jsonl", check=True)
+def test_killed_job_resumes_to_byte_identical_output(model_dir, many_docs, whole_run, tmp_path, how):
+    common = _resume_args(model_dir, many_docs)
     out = tmp_path / "resumed.jsonl"
     cmd = [MPIRUN, "-n", "2", os.path.join(BIN, "hpc-llama"), "score", *map(str, common), "--output", str(out)]
     _kill_midway(cmd, str(out) + ".journal.json", how)
     assert not out.exists() and os.path.exists(str(out) + ".partial")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=dict(os.environ, DS_ACCELERATOR="cpu"))
     assert p.returncode == 0, p.stderr
-    assert out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    assert out.read_bytes() == whole_run
     assert not os.path.exists(str(out) + ".partial") and not os.path.exists(str(out) + ".journal.json")
     summary = json.load(open(str(out) + ".summary.json"))
     assert summary["resumed"] and summary["documents"] == 3000

@@ -133,9 +133,9 @@ def test_train_template_survives_requeue_and_signal(slurm, corpus, tmp_path):
     from test_train import TINY, metrics
 
     _, data = corpus
-    steps = 60
+    steps = 36
     flags = [*TINY, "--pp", "2", "--steps", str(steps), "--set", "train.global_batch=64", "--set",
-             "train.micro_batch=16", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=0", "--quiet"]
+             "train.micro_batch=16", "--set", "train.eval_every=12", "--set", "train.checkpoint_every=0", "--quiet"]
     env = dict(SLURM_ENV, OMP_NUM_THREADS="1")  # one thread per rank on both sides: bit-for-bit comparable
     subprocess.run([os.path.join(BIN, "mpirun"), "-n", "2", os.path.join(BIN, "hpc-llama"), "train", *flags,
                     "--data", data, "--out", str(tmp_path / "whole")], check=True, timeout=300, cwd=ROOT,
@@ -144,9 +144,9 @@ def test_train_template_survives_requeue_and_signal(slurm, corpus, tmp_path):
     job = slurm.sbatch("-N", "2", "--ntasks-per-node=1", "--chdir", ROOT, "--output", tmp_path / "job.out",
                        "--export=ALL", os.path.join(ROOT, "slurm", "train.sbatch"),
                        env=dict(env, CONFIG="tiny-train", DATA=data, OUT=str(run), TRAIN_ARGS=" ".join(flags[2:])))
-    _wait_for_steps(slurm, job, run, 10)
+    _wait_for_steps(slurm, job, run, 6)
     slurm.run("scontrol", "requeue", job)  # as a preemption does: SIGTERM to every task, then back in the queue
-    _wait_for_steps(slurm, job, run, 30)
+    _wait_for_steps(slurm, job, run, 18)
     assert slurm.job(job).get("Restarts") == "1"
     slurm.run("scancel", "--signal=USR1", job)  # as the time limit's --signal=USR1@300 does
     info = slurm.wait(job, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))

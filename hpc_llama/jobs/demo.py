@@ -36,6 +36,8 @@ def add_arguments(p):
     p.add_argument("--ranks", type=int, default=2, help="MPI ranks (= pipeline stages) for the parallel steps")
     p.add_argument("--steps", type=int, default=300, help="pretraining steps of the tiny model")
     p.add_argument("--lora-steps", type=int, default=24, help="LoRA fine-tuning steps of the embedded model")
+    p.add_argument("--docs", type=int, default=12, help="documentation topics to score")
+    p.add_argument("--new-tokens", type=int, default=64, help="most new tokens per answer")
     p.add_argument("--force", action="store_true", help="reuse an existing output directory")
 
 
@@ -54,8 +56,8 @@ def run(args) -> int:
     comm = world_comm()
     if comm is not None and comm.Get_size() > 1:
         raise HpcLlamaError("run the demo as one process: it starts mpirun itself for the parallel steps")
-    if args.lora_steps < 1 or args.steps < 1:
-        raise HpcLlamaError("--steps and --lora-steps must be at least 1")
+    if min(args.lora_steps, args.steps, args.docs, args.new_tokens) < 1:
+        raise HpcLlamaError("--steps, --lora-steps, --docs and --new-tokens must be at least 1")
     embedded_path()  # fails with the install command before anything is written
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.force:
@@ -94,7 +96,7 @@ def run(args) -> int:
     # --- the embedded real model ---------------------------------------------------------
     smol = path("smollm2.h5")
     step("convert the embedded SmolLM2-135M-Instruct (GGUF) to HDF5", [exe, "convert", NAME, smol, "--force"])
-    docs = _write_documentation(path("docs.jsonl"))
+    docs = _write_documentation(path("docs.jsonl"), args.docs)
     scores, scores_1 = path("docs-scores.jsonl"), path("docs-scores-1.jsonl")
     step(f"score Python's documentation on {n} pipeline stages",
          [*mpi, "score", "--model", smol, "--input", docs, "--output", scores, "--pp", n, "--context", "512",
@@ -113,7 +115,7 @@ def run(args) -> int:
             f.write(json.dumps({"id": f"q{i}", "prompt": q}) + "\n")
     step(f"answer questions through the chat template on {n} pipeline stages",
          [*mpi, "generate", "--model", smol, "--input", questions, "--output", answers, "--pp", n, "--chat",
-          "--max-new-tokens", "64", "--overwrite", "--quiet"])
+          "--max-new-tokens", str(args.new_tokens), "--overwrite", "--quiet"])
     facts["answers"] = _read_jsonl(answers)
     facts["generate"] = _read_json(answers + ".summary.json")
     for q, a in zip(QUESTIONS, facts["answers"]):
@@ -126,7 +128,7 @@ def run(args) -> int:
           "--force"])
     step(f"LoRA fine-tune SmolLM2 on {n} pipeline stages",
          [*mpi, "train", "--config", "smollm2-lora", "--data", sft, "--out", lora, "--init", smol, "--pp", n,
-          "--steps", str(args.lora_steps), "--set", f"train.eval_every={max(1, args.lora_steps // 3)}", "--force"])
+          "--steps", str(args.lora_steps), "--set", f"train.eval_every={_eval_every(args.lora_steps)}", "--force"])
     facts["lora_metrics"] = _read_jsonl(os.path.join(lora, "metrics.jsonl"))
     facts["lora_test"] = _read_json(os.path.join(lora, "test.json"))
     lora_val = [(r["step"], r["val_loss"]) for r in facts["lora_metrics"] if r.get("val_loss") is not None]
@@ -171,6 +173,11 @@ def run(args) -> int:
         print(f"  {what:45s} {os.path.relpath(where)}")
     print("every command above runs by hand as printed")
     return 0
+
+
+def _eval_every(steps: int) -> int:
+    """Validation at the start, twice on the way and at the end; for a short run only at both ends."""
+    return steps // 3 if steps >= 6 else steps
 
 
 def _write_documentation(path: str, count: int = 12, longest: int = 3000) -> str:
@@ -237,7 +244,8 @@ def _report(out, args, steps, facts):
                 f"{facts['docs_diff']:.1e}.\n\n| topic | tokens | perplexity |\n|---|---|---|\n")
         for r in facts["docs_records"]:
             f.write(f"| {r['id']} | {r['n_tokens']} | {r['ppl']:.2f} |\n")
-        f.write(f"\n### Answers through the chat template\n\nGreedy, at most 64 new tokens, {args.ranks} pipeline "
+        f.write(f"\n### Answers through the chat template\n\nGreedy, at most {args.new_tokens} new tokens, "
+                f"{args.ranks} pipeline "
                 f"stages with a KV cache on each: {gen['new_tokens_this_run']} new tokens at "
                 f"{gen['new_tokens_per_s']:.1f} tokens/s.\n\n")
         for q, a in zip(QUESTIONS, facts["answers"]):

@@ -122,10 +122,10 @@ def test_demo_runs_end_to_end(tmp_path):
     """The README's first command, shortened: the embedded real model converted, scored, asked and LoRA-tuned."""
     from conftest import run_cli
 
-    p = run_cli("demo", "--out", tmp_path / "demo", "--steps", "10", "--lora-steps", "3", "--docs", "4",
-                "--new-tokens", "16", check=True, timeout=600)
+    p = run_cli("demo", "--out", tmp_path / "demo", "--steps", "10", "--lora-steps", "3", "--docs", "3",
+                "--new-tokens", "16", "--examples", "240", check=True, timeout=600)
     assert "bit-identical" in p.stdout and "validation loss" in p.stdout
-    assert "perplexity of SmolLM2 on 4 documentation topics" in p.stdout
+    assert "perplexity of SmolLM2 on 3 documentation topics" in p.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "max-abs difference 0.00e+00" in report and "LoRA fine-tune" in report
     answers = [json.loads(line) for line in open(tmp_path / "demo" / "answers.jsonl")]

@@ -37,6 +37,7 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=300, help="pretraining steps of the tiny model")
     p.add_argument("--lora-steps", type=int, default=24, help="LoRA fine-tuning steps of the embedded model")
     p.add_argument("--docs", type=int, default=12, help="documentation topics to score")
+    p.add_argument("--examples", type=int, default=0, help="LoRA task examples to use (default: all, about 1,200)")
     p.add_argument("--new-tokens", type=int, default=64, help="most new tokens per answer")
     p.add_argument("--force", action="store_true", help="reuse an existing output directory")
 
@@ -56,8 +57,8 @@ def run(args) -> int:
     comm = world_comm()
     if comm is not None and comm.Get_size() > 1:
         raise HpcLlamaError("run the demo as one process: it starts mpirun itself for the parallel steps")
-    if min(args.lora_steps, args.steps, args.docs, args.new_tokens) < 1:
-        raise HpcLlamaError("--steps, --lora-steps, --docs and --new-tokens must be at least 1")
+    if min(args.lora_steps, args.steps, args.docs, args.new_tokens) < 1 or args.examples < 0:
+        raise HpcLlamaError("--steps, --lora-steps, --docs and --new-tokens must be at least 1, --examples at least 0")
     embedded_path()  # fails with the install command before anything is written
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.force:
@@ -122,7 +123,7 @@ def run(args) -> int:
         print(f"Q: {q}\nA: {a['completion'].strip()}  [{a['finish_reason']}]")
 
     task, sft, lora = path("task.jsonl"), path("sft"), path("lora")
-    facts["task_examples"] = _write_task(task, stdlib)
+    facts["task_examples"] = _write_task(task, stdlib, args.examples)
     step("prepare the fine-tuning task (summarise a standard-library function from its name)",
          [exe, "prepare", "--input", task, "--output", sft, "--tokenizer", smol, "--task", "--split", "0.8,0.1,0.1",
           "--force"])
@@ -193,7 +194,7 @@ def _write_documentation(path: str, count: int = 12, longest: int = 3000) -> str
     return path
 
 
-def _write_task(path: str, stdlib: str) -> int:
+def _write_task(path: str, stdlib: str, limit: int = 0) -> int:
     """Prompt: a public function or class of a top-level standard-library module; response: its docstring's first line."""
     import ast
     import glob
@@ -221,6 +222,8 @@ def _write_task(path: str, stdlib: str) -> int:
                                     "prompt": f"Python: {module}.{node.name} ({kind})\nSummary:",
                                     "response": " " + line}) + "\n")
                 n += 1
+                if n == limit:
+                    return n
     return n
 
 

@@ -97,14 +97,24 @@ def test_prepare_bad_input(corpus, tmp_path, args, needle):
 # --- the same maths for every layout --------------------------------------------------------
 
 
+def _layout_args(data):
+    return [*TINY, "--data", data, "--steps", "4", "--set", "train.eval_every=0", "--set", "train.eval_sequences=8",
+            "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def one_rank_losses(corpus, tmp_path_factory):
+    """The first losses of one rank, PP 1, ZeRO-1: what every other layout must reproduce."""
+    run = tmp_path_factory.mktemp("layout-ref") / "ref"
+    hpc(1, "train", *_layout_args(corpus[1]), "--out", run, "--pp", "1", "--zero", "1")
+    return [r["loss"] for r in metrics(run)]
+
+
 @pytest.mark.parametrize("n, pp, zero", [(2, 2, 1), (4, 2, 1), (2, 1, 2), (2, 1, 3), (1, 1, 0)])
-def test_first_losses_agree_across_layouts(corpus, tmp_path, n, pp, zero):
+def test_first_losses_agree_across_layouts(corpus, one_rank_losses, tmp_path, n, pp, zero):
     _, data = corpus
-    common = [*TINY, "--data", data, "--steps", "4", "--set", "train.eval_every=0", "--set",
-              "train.eval_sequences=8", "--quiet"]
-    hpc(1, "train", *common, "--out", tmp_path / "ref", "--pp", "1", "--zero", "1")
-    hpc(n, "train", *common, "--out", tmp_path / "run", "--pp", pp, "--zero", zero)
-    ref = [r["loss"] for r in metrics(tmp_path / "ref")]
+    hpc(n, "train", *_layout_args(data), "--out", tmp_path / "run", "--pp", pp, "--zero", zero)
+    ref = one_rank_losses
     got = [r["loss"] for r in metrics(tmp_path / "run")]
     print(f"PP {pp} x DP {n // pp}, ZeRO-{zero}: losses {got} vs {ref}")
     assert len(got) == 4

@@ -65,3 +65,39 @@ def test_errors_are_within_half_a_step(shape, group):
 def test_bad_group_sizes(group, needle):
     with pytest.raises(ValueError, match=needle):
         quantize_int4_group(torch.zeros(4, 128), group)
+
+
+@pytest.mark.parametrize("scheme, group, most", [("int8-channel", 0, 0.27), ("int4-group", 32, 0.18)])
+def test_quantized_linear_is_a_smaller_linear(scheme, group, most):
+    from hpc_llama.quant import QuantizedLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64, bias=True)
+    q = QuantizedLinear.from_linear(lin, scheme, group or 32)
+    x = torch.randn(5, 128)
+    # Exactly a Linear with the dequantized weight, and close to the original.
+    assert torch.equal(q(x), torch.nn.functional.linear(x, q.dense_weight(), lin.bias))
+    assert (q(x) - lin(x)).abs().max().item() < (0.02 if scheme == "int8-channel" else 0.2)
+    dense = lin.weight.numel() * 4 + lin.bias.numel() * 4
+    assert q.resident_bytes() <= most * dense
+    assert q.in_features == 128 and q.out_features == 64 and scheme in repr(q)
+
+
+def test_quantized_linears_in_a_model_keep_its_predictions():
+    from hpc_llama.model import ModelConfig, Transformer
+    from hpc_llama.quant import QuantizedLinear
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        before = model(ids)
+        for layer in model.layers.values():
+            for parent in (layer.attention, layer.feed_forward):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, torch.nn.Linear):
+                        setattr(parent, name, QuantizedLinear.from_linear(child, "int8-channel"))
+        after = model(ids)
+    assert (after - before).abs().max().item() < 0.05
+    assert (after.argmax(-1) == before.argmax(-1)).float().mean() > 0.9

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, save_result  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 def ours(model, info, prompts, new_tokens, batch, capacity):
@@ -136,10 +136,7 @@ def main():
               "threads": torch.get_num_threads(), **rows, "job_1_rank": one, "job_pp2": two,
               "note": "the 1-rank job runs 2 torch threads, each of the 2 pipeline ranks 1: the same 2 cores",
               "goals": {"ours_vs_reference_batch_8": 1.0}}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    save_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, save_result  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 def drop_cache(path: str) -> None:
@@ -182,10 +182,8 @@ def main():
     goal_rss = round(1 / args.pp + 0.15, 3)
     out = {"benchmark": "load", "pp": args.pp, "goals": {"ratio_max": 1.2, "rss_vs_whole_max": goal_rss},
            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "results": results}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"\n| model | stage | bytes | ours warm (s) | raw warm (s) | ours/raw warm | ours/raw cold | peak RSS vs whole model |")
+    save_result(out, args.out, show=False)
+    print("\n| model | stage | bytes | ours warm (s) | raw warm (s) | ours/raw warm | ours/raw cold | peak RSS vs whole model |")
     print("|---|---|---|---|---|---|---|---|")
     for res in results:
         for s in res["stages"]:

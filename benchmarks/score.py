@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, save_result  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 def make_docs(path: str, n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -172,10 +172,7 @@ def main():
                          "speedup_vs_1_rank is the throughput ratio at equal cores",
         "goals": {"speedup_vs_reference": 1.5, "fraction_of_peak": 0.6},
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    save_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, save_result  # noqa: E402  (benchmarks/common.py, beside this script)
 SETS = ["model.n_layers=8", "model.vocab_size=8000", "train.seq_len=256", "train.micro_batch=4",
         "train.global_batch=16", "train.warmup_steps=2", "train.eval_every=0", "train.eval_sequences=4",
         "train.checkpoint_every=0", "parallel.dtype=fp32"]
@@ -153,10 +153,7 @@ def main():
         "note": "1 rank runs 2 torch threads; each of 2 ranks runs 1: the same 2 cores",
         "goals": {"ours_vs_reference": 0.9},
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    save_result(result, args.out)
 
 
 if __name__ == "__main__":

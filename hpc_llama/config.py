@@ -259,6 +259,13 @@ def _coerce(value, hint, where):
     return value
 
 
+def flag_overrides(args, flags: dict[str, str]) -> list[str]:
+    """`section.key=value` overrides for the CLI flags that were given (flag attribute -> config key)."""
+    import json
+
+    return [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in flags.items() if getattr(args, flag) is not None]
+
+
 def parse_override(text: str) -> tuple[list[str], object]:
     """`section.key=value` (value in YAML syntax) -> (["section", "key"], value)."""
     if "=" not in text:

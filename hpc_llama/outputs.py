@@ -26,6 +26,15 @@ def parse_size(text: str) -> int:
     return size
 
 
+def write_json_atomic(path: str, obj) -> None:
+    """Write `obj` as indented JSON under a temporary name, then rename: readers never see half a file."""
+    import json
+
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def check_destination(dst: str, force: bool) -> None:
     if os.path.lexists(dst) and not force:
         raise HpcLlamaError(f"{dst} already exists (use --force to replace it)")

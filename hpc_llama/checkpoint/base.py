@@ -112,3 +112,24 @@ class CheckpointReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class TableReader(CheckpointReader):
+    """A reader whose whole tensor table is known at open (HF safetensors, GGUF): `_infos`, name -> TensorInfo."""
+
+    _infos: dict[str, TensorInfo]
+
+    def _set_table(self, infos: dict[str, TensorInfo]) -> None:
+        self._infos = infos
+        self._names = sorted(infos, key=unit_order)
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def has(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        if name not in self._infos:
+            raise HpcLlamaError(f"{self.path}: tensor {name} is missing")
+        return self._infos[name]

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import HpcLlamaError
 from ..model import ModelConfig
-from .base import CheckpointReader, unit_order
+from .base import TableReader
 from .hf import hf_config_from_model
 from .tensors import TensorInfo, numpy_view
 
@@ -67,7 +67,7 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-class GGUFCheckpoint(CheckpointReader):
+class GGUFCheckpoint(TableReader):
     """A GGUF file of a Llama-architecture model, read tensor by tensor."""
 
     def __init__(self, path: str):
@@ -84,7 +84,7 @@ class GGUFCheckpoint(CheckpointReader):
         arch = self.meta.get("general.architecture")
         if arch != "llama":
             raise HpcLlamaError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-        self._tensors, self._infos = {}, {}
+        self._tensors, infos = {}, {}
         for t in self._r.tensors:
             name = our_name(t.name)
             if name is None:
@@ -100,12 +100,12 @@ class GGUFCheckpoint(CheckpointReader):
             shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
             nbytes = int(np.prod(shape)) * (2 if dtype in ("float16", "bfloat16") else 4)
             self._tensors[name] = t
-            self._infos[name] = TensorInfo(name, shape, dtype, nbytes, path, int(t.data_offset),
+            infos[name] = TensorInfo(name, shape, dtype, nbytes, path, int(t.data_offset),
                                            attrs={"gguf_type": kind})
+        self._set_table(infos)
         self.tokenizer = _tokenizer_fields(self._r)
         self.config = self._model_config()
         self.hf_config = hf_config_from_model(self.config)
-        self._names = sorted(self._infos, key=unit_order)
 
     def _model_config(self) -> ModelConfig:
         m = self.meta
@@ -146,17 +146,6 @@ class GGUFCheckpoint(CheckpointReader):
         tokens, types = tok.get("tokens") or [], tok.get("token_type") or []
         ids += [i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == _CONTROL and t in _END_OF_TURN]
         return tuple(dict.fromkeys(int(i) for i in ids))
-
-    def names(self) -> list[str]:
-        return self._names
-
-    def has(self, name: str) -> bool:
-        return name in self._infos
-
-    def info(self, name: str) -> TensorInfo:
-        if name not in self._infos:
-            raise HpcLlamaError(f"{self.path}: tensor {name} is missing")
-        return self._infos[name]
 
     def read_into(self, name: str, out: torch.Tensor, verify: bool = True) -> None:
         from gguf.quants import dequantize

@@ -17,7 +17,7 @@ import torch
 from ..errors import HpcLlamaError
 from ..model import ModelConfig
 from ..partition import plan_shards
-from .base import CheckpointReader, group_by_unit, unit_order
+from .base import CheckpointReader, TableReader, group_by_unit
 from .tensors import TensorInfo, numpy_view, read_exact
 
 # Our names <-> HF names. Layer-local parts are templated on the layer number.
@@ -157,7 +157,7 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
     return table, meta
 
 
-class HFCheckpoint(CheckpointReader):
+class HFCheckpoint(TableReader):
     """An HF model directory read in place: config.json plus one or several .safetensors files."""
 
     def __init__(self, path: str):
@@ -183,21 +183,15 @@ class HFCheckpoint(CheckpointReader):
         else:
             raise HpcLlamaError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                 f"(only safetensors weights are read, never pickles)")
-        self._infos: dict[str, TensorInfo] = {}
+        infos: dict[str, TensorInfo] = {}
         for fname in files:
             table, _ = read_safetensors_header(os.path.join(path, fname))
             for hf_name, info in table.items():
                 ours = from_hf_name(hf_name)
                 if ours is not None:
-                    self._infos[ours] = TensorInfo(ours, info.shape, info.dtype, info.nbytes, info.path, info.offset)
-        self._names = sorted(self._infos, key=unit_order)
+                    infos[ours] = TensorInfo(ours, info.shape, info.dtype, info.nbytes, info.path, info.offset)
+        self._set_table(infos)
         self._fds: dict[str, int] = {}
-
-    def names(self) -> list[str]:
-        return self._names
-
-    def has(self, name: str) -> bool:
-        return name in self._infos
 
     def info(self, name: str) -> TensorInfo:
         if name not in self._infos:

@@ -51,7 +51,7 @@ def run(args) -> int:
     import time
 
     from ..checkpoint import open_checkpoint
-    from ..config import GenerateConfig, ParallelConfig, load_sections
+    from ..config import GenerateConfig, ParallelConfig, flag_overrides, load_sections
     from ..errors import HpcLlamaError
     from ..inputs import Fields, chunks, expand_inputs, read_documents
     from ..progress import Progress
@@ -60,7 +60,7 @@ def run(args) -> int:
     from ..tokenizer import ChatTokenizer, Tokenizer
 
     t_start = time.time()
-    overrides = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in _FLAGS.items() if getattr(args, flag) is not None]
+    overrides = flag_overrides(args, _FLAGS)
     overrides += ["generate.add_bos=false"] * args.no_bos + ["generate.chat=true"] * args.chat
     sections = load_sections(args.config, overrides + args.set)
     parallel, cfg = sections["parallel"] or ParallelConfig(), sections["generate"] or GenerateConfig()
@@ -183,9 +183,9 @@ def _generate_step(step, engine, tokenizer, bos, info, comm, pp) -> list[str]:
 
 
 def _summary(args, journal, files, parallel, info, engine, stats, busy, wall, progress) -> None:
-    import json
     import os
 
+    from ..outputs import write_json_atomic
     from ..progress import Progress
 
     per_rank = [{"rank": r, "stage": s, "replica": d, "busy_s": round(b, 3), "utilisation": round(b / wall, 3)}
@@ -201,9 +201,6 @@ def _summary(args, journal, files, parallel, info, engine, stats, busy, wall, pr
         "inputs": [{"path": os.path.abspath(f.path), "bytes": f.size, "xxh3": f.xxh3, "prompts": f.documents}
                    for f in files],
     }
-    path = os.path.abspath(args.output) + ".summary.json"
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(os.path.abspath(args.output) + ".summary.json", summary)
     Progress.say(info, f"generated {stats['new_tokens']} tokens for {journal.documents_done} prompts "
                        f"({summary['new_tokens_per_s']} tokens/s); wrote {args.output}", quiet=args.quiet)

@@ -55,6 +55,7 @@ def run(args) -> int:
     import shutil
 
     from ..errors import HpcLlamaError
+    from ..outputs import write_json_atomic
     from ..results import SCORE_COLUMNS, Journal, output_format
     from ..runtime import world_comm
 
@@ -102,9 +103,7 @@ def run(args) -> int:
                "merged_from": [{"part": os.path.basename(p), "documents": s["documents"], "wall_s": s["wall_s"],
                                 "layout": s["layout"]} for p, s in zip(parts, summaries)],
                "model": first["model"], "inputs": first["inputs"]}
-    with open(out + ".summary.json.tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(out + ".summary.json.tmp", out + ".summary.json")
+    write_json_atomic(out + ".summary.json", summary)
     if not args.keep_parts:
         for p in parts:
             os.remove(p)

@@ -45,12 +45,11 @@ _FLAGS = {"pp": "parallel.pp", "dtype": "parallel.dtype", "text_field": "score.t
 
 
 def run(args) -> int:
-    import json
     import time
     from itertools import islice
 
     from ..checkpoint import open_checkpoint
-    from ..config import ParallelConfig, ScoreConfig, load_sections
+    from ..config import ParallelConfig, ScoreConfig, flag_overrides, load_sections
     from ..inputs import Fields, chunks, expand_inputs, read_documents, scan_inputs
     from ..progress import Progress
     from ..results import SCORE_COLUMNS, Journal, output_format, parse_shard, part_path, record_line
@@ -59,7 +58,7 @@ def run(args) -> int:
     from ..tokenizer import Tokenizer
 
     t_start = time.time()
-    overrides = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in _FLAGS.items() if getattr(args, flag) is not None]
+    overrides = flag_overrides(args, _FLAGS)
     overrides += ["score.token_logprobs=true"] * args.token_logprobs + ["score.add_bos=false"] * args.no_bos
     sections = load_sections(args.config, overrides + args.set)
     parallel, cfg = sections["parallel"] or ParallelConfig(), sections["score"] or ScoreConfig()
@@ -199,9 +198,10 @@ def _record_selection(ledger_path, out, fields, reader) -> int:
 
 
 def _write_summary(args, out, journal, files, parallel, info, scorer, wall, progress, ranks, shard=None) -> None:
-    import json
     import math
     import os
+
+    from ..outputs import write_json_atomic
 
     stats = journal.state["stats"]
     tokens = stats.get("tokens", 0)
@@ -222,12 +222,10 @@ def _write_summary(args, out, journal, files, parallel, info, scorer, wall, prog
     if shard:
         summary["shard"] = shard
     path = os.path.abspath(out) + ".summary.json"
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, summary)
     from ..progress import Progress
 
     Progress.say(info, f"scored {summary['documents']} documents, {tokens} tokens: corpus perplexity "
                        f"{summary['corpus_ppl'] if summary['corpus_ppl'] is None else round(summary['corpus_ppl'], 3)}, "
-                       f"padding waste {summary['padding_waste']:.1%}; wrote {args.output} and {os.path.basename(path)}",
+                       f"padding waste {summary['padding_waste']:.1%}; wrote {out} and {os.path.basename(path)}",
                  quiet=args.quiet)

@@ -39,23 +39,19 @@ _FLAGS = {"pp": "parallel.pp", "dtype": "parallel.dtype", "zero": "train.zero", 
 
 
 def run(args) -> int:
-    import json
     import os
     import time
 
-    import numpy as np
-
-    from ..config import ParallelConfig, TrainConfig, load_sections
+    from ..config import ParallelConfig, TrainConfig, flag_overrides, load_sections
     from ..data import SplitData, counted_targets, load_manifest, make_batches, replica_micro_batches, \
         sequence_count, step_sequences
-    from ..errors import HpcLlamaError
     from ..metrics import MetricsWriter
     from ..pipeline import resolve_dtype
     from ..progress import Progress
     from ..runtime import start_distributed, start_rank, stop_distributed, world_comm
     from ..training import Trainer
 
-    overrides = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in _FLAGS.items() if getattr(args, flag) is not None]
+    overrides = flag_overrides(args, _FLAGS)
     sections = load_sections(args.config, overrides + args.set)
     parallel, tcfg = sections["parallel"] or ParallelConfig(), sections["train"] or TrainConfig()
     comm = world_comm()

@@ -21,6 +21,7 @@ JOBS = {
     "generate": ("generate", "batched generation with a KV cache across pipeline stages, in input order, resumable"),
     "prepare": ("prepare", "turn a corpus into token shards with a train/val/test split"),
     "train": ("train", "pretrain, fine-tune or LoRA-tune on DeepSpeed (pipeline or ZeRO), resumable"),
+    "compress": ("compress", "quantize (int8/int4/GPTQ), prune or factorise a checkpoint, each rank its own layers"),
     "init": ("init", "write a freshly initialised model from a config preset (seeded, layout-independent)"),
     "demo": ("demo", "show the whole product on 2 ranks, offline, and write a report"),
     "check": ("check", "run a parallel layout end to end and compare its logits with the whole model"),

@@ -59,6 +59,10 @@ class ModelConfig:
     """Beginning-of-sequence token id."""
     eos_ids: tuple[int, ...] = field(default=(2,))
     """End-of-sequence token ids (Llama 3 instruct models have several)."""
+    layer_shapes: dict | None = None
+    """{layer: {"n_heads": H, "ffn_dim": F}} for layers whose shape structured pruning changed."""
+    lowrank: dict | None = None
+    """{"layers.3.attention.wq": rank}: projections stored as two factors (low-rank factorisation)."""
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -86,6 +90,34 @@ class ModelConfig:
             missing = [k for k in need[kind] if k not in self.rope_scaling]
             if missing:
                 raise ValueError(f"rope_scaling of type {kind} lacks {', '.join(missing)}")
+        if self.layer_shapes:
+            # JSON keys are strings; layers are numbers everywhere else.
+            shapes = {int(k): dict(v) for k, v in self.layer_shapes.items()}
+            object.__setattr__(self, "layer_shapes", shapes)
+            for i, shape in shapes.items():
+                if not 0 <= i < self.n_layers or set(shape) - {"n_heads", "ffn_dim"}:
+                    raise ValueError(f"layer_shapes entry {i}: {shape} (allowed: n_heads, ffn_dim of an existing layer)")
+                h, f = self.layer_shape(i)
+                if h <= 0 or f <= 0 or h % self.n_kv_heads:
+                    raise ValueError(f"layer {i}: {h} heads and ffn {f} (heads must be a positive multiple of "
+                                     f"{self.n_kv_heads} kv heads, ffn positive)")
+        for path, rank in (self.lowrank or {}).items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"lowrank rank of {path} must be a positive integer, got {rank!r}")
+
+    def layer_shape(self, i: int) -> tuple[int, int]:
+        """(query heads, ffn width) of layer i: the model's, unless structured pruning changed them."""
+        shape = (self.layer_shapes or {}).get(i, {})
+        return shape.get("n_heads", self.n_heads), shape.get("ffn_dim", self.ffn_dim)
+
+    def projections(self, i: int) -> dict[str, tuple[int, int, bool]]:
+        """Layer i's linear projections: name -> (in features, out features, bias)."""
+        h, f = self.layer_shape(i)
+        q, kv, d = h * self.head_dim, self.n_kv_heads * self.head_dim, self.dim
+        ab, mb = self.attention_bias, self.mlp_bias
+        return {"attention.wq": (d, q, ab), "attention.wk": (d, kv, ab), "attention.wv": (d, kv, ab),
+                "attention.wo": (q, d, ab), "feed_forward.w1": (d, f, mb), "feed_forward.w2": (f, d, mb),
+                "feed_forward.w3": (d, f, mb)}
 
     @property
     def n_params(self) -> int:
@@ -98,13 +130,16 @@ def embedding_params(cfg: ModelConfig) -> int:
 
 
 def layer_param_counts(cfg: ModelConfig) -> list[int]:
-    """Parameters in each transformer block (all blocks have the same shape)."""
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    attn = cfg.dim * (q + 2 * kv) + q * cfg.dim
-    if cfg.attention_bias:
-        attn += q + 2 * kv + cfg.dim
-    ffn = 3 * cfg.dim * cfg.ffn_dim + (2 * cfg.ffn_dim + cfg.dim if cfg.mlp_bias else 0)
-    return [attn + ffn + 2 * cfg.dim] * cfg.n_layers
+    """Parameters in each transformer block (pruned or factorised blocks have fewer)."""
+    lowrank = cfg.lowrank or {}
+    counts = []
+    for i in range(cfg.n_layers):
+        n = 2 * cfg.dim  # the two norms
+        for name, (n_in, n_out, bias) in cfg.projections(i).items():
+            rank = lowrank.get(f"layers.{i}.{name}")
+            n += (rank * (n_in + n_out) if rank else n_in * n_out) + (n_out if bias else 0)
+        counts.append(n)
+    return counts
 
 
 def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
@@ -153,6 +188,29 @@ class Linear(nn.Linear):
     def reset_parameters(self):
         if self.weight.device.type != "meta":
             super().reset_parameters()
+
+
+class LowRankLinear(nn.Module):
+    """A projection stored as two factors, x -> b(a(x)): (in -> rank) then (rank -> out).
+
+    Cheaper than the full matrix when rank * (in + out) < in * out.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, device=None):
+        super().__init__()
+        self.a = Linear(in_features, rank, bias=False, device=device)
+        self.b = Linear(rank, out_features, bias=bias, device=device)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def projection(cfg: ModelConfig, path: str, n_in: int, n_out: int, bias: bool, device=None) -> nn.Module:
+    """The module for one projection: a Linear, or two factors where the config says so."""
+    rank = (cfg.lowrank or {}).get(path)
+    if rank:
+        return LowRankLinear(n_in, n_out, rank, bias, device)
+    return Linear(n_in, n_out, bias=bias, device=device)
 
 
 class Embedding(nn.Embedding):
@@ -223,14 +281,12 @@ _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None):
+    def __init__(self, cfg: ModelConfig, layer: int = 0, device=None):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias, device=device)
-        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias, device=device)
-        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias, device=device)
-        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias, device=device)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.layer_shape(layer)[0], cfg.n_kv_heads, cfg.head_dim
+        for name, shape in cfg.projections(layer).items():
+            if name.startswith("attention."):
+                setattr(self, name[10:], projection(cfg, f"layers.{layer}.{name}", *shape, device=device))
 
     def forward(self, x, cos, sin, mask, positions, cache: KVCache | None):
         B, T, _ = x.shape
@@ -256,23 +312,24 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None):
+    def __init__(self, cfg: ModelConfig, layer: int = 0, device=None):
         super().__init__()
-        self.w1 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias, device=device)  # gate
-        self.w2 = Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias, device=device)  # down
-        self.w3 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias, device=device)  # up
+        # w1 gate, w2 down, w3 up
+        for name, shape in cfg.projections(layer).items():
+            if name.startswith("feed_forward."):
+                setattr(self, name[13:], projection(cfg, f"layers.{layer}.{name}", *shape, device=device))
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None):
+    def __init__(self, cfg: ModelConfig, layer: int = 0, device=None):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
-        self.attention = Attention(cfg, device)
+        self.attention = Attention(cfg, layer, device)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
-        self.feed_forward = FeedForward(cfg, device)
+        self.feed_forward = FeedForward(cfg, layer, device)
 
     def forward(self, x, cos, sin, mask, positions, cache=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, positions, cache)
@@ -294,7 +351,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         layer_ids = range(cfg.n_layers) if layer_ids is None else layer_ids
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim, device=device) if embed else None
-        self.layers = nn.ModuleDict({str(i): Block(cfg, device) for i in layer_ids})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, device) for i in layer_ids})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, device) if head else None
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False, device=device) if head else None
         self.tie_weights()
@@ -304,7 +361,8 @@ class Transformer(nn.Module):
 
         Called again after `to_empty`, which gives every parameter fresh storage.
         """
-        if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+        if (self.cfg.tie_embeddings and isinstance(self.tok_embeddings, nn.Embedding)
+                and isinstance(self.output, nn.Linear)):  # a quantized pair shares its packed table itself
             self.output.weight = self.tok_embeddings.weight
 
     @property

@@ -73,6 +73,43 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
+SCHEMES = ("int8-channel", "int4-group")
+
+
+def quantize(w: torch.Tensor, scheme: str, group_size: int = 32) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+    """A float (out, in) weight as stored: (packed data, {part: tensor}, attrs), per docs/checkpoint.md."""
+    attrs = scheme_attrs(w, scheme, group_size)
+    if scheme == "int8-channel":
+        q, scale = quantize_int8_channel(w)
+        return q, {"scale": scale}, attrs
+    packed, scale, zero = quantize_int4_group(w, group_size)
+    return packed, {"scale": scale, "zero": zero}, attrs
+
+
+def scheme_attrs(w: torch.Tensor, scheme: str, group_size: int = 32) -> dict:
+    """What the checkpoint records about a quantized tensor: its scheme, logical shape and dtype, parameters."""
+    attrs = {"scheme": scheme, "logical_shape": list(w.shape), "logical_dtype": _DTYPE_NAMES[w.dtype]}
+    if scheme == "int8-channel":
+        return {**attrs, "bits": 8}
+    if scheme == "int4-group":
+        return {**attrs, "bits": 4, "group_size": group_size}
+    raise ValueError(f"unknown quantization scheme {scheme!r}")
+
+
+def dequantize(data: torch.Tensor, parts: dict[str, torch.Tensor], attrs: dict, dtype=None) -> torch.Tensor:
+    """The logical tensor of a stored quantized one (rows of it, when `data` and `parts` are those rows)."""
+    dtype = dtype or _DTYPES[attrs.get("logical_dtype", "float32")]
+    if attrs["scheme"] == "int8-channel":
+        return dequantize_int8_channel(data, parts["scale"], dtype)
+    if attrs["scheme"] == "int4-group":
+        return dequantize_int4_group(data, parts["scale"], parts["zero"], attrs["group_size"], dtype)
+    raise ValueError(f"unknown quantization scheme {attrs['scheme']!r}")
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
 class QuantizedLinear(torch.nn.Module):
     """A linear layer whose weight stays packed in memory and is dequantized for each forward.
 
@@ -82,38 +119,40 @@ class QuantizedLinear(torch.nn.Module):
     kernel measured 18-33x slower than fp32 matmul on the development VM.)
     """
 
-    def __init__(self, scheme: str, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
-                 group_size: int = 0, bias: torch.Tensor | None = None, in_features: int | None = None):
+    def __init__(self, data: torch.Tensor, parts: dict[str, torch.Tensor], attrs: dict,
+                 bias: torch.Tensor | None = None):
         super().__init__()
-        if scheme not in ("int8-channel", "int4-group"):
-            raise ValueError(f"unknown quantization scheme {scheme!r}")
-        self.scheme, self.group_size = scheme, group_size
-        self.out_features = weight.shape[0]
-        self.in_features = in_features or (weight.shape[1] * (2 if scheme == "int4-group" else 1))
-        self.register_buffer("qweight", weight)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero", zero)
+        if attrs.get("scheme") not in SCHEMES:
+            raise ValueError(f"unknown quantization scheme {attrs.get('scheme')!r}")
+        self.attrs = dict(attrs)
+        self.scheme, self.group_size = attrs["scheme"], attrs.get("group_size", 0)
+        self.out_features, self.in_features = attrs["logical_shape"]
+        self.register_buffer("qweight", data)
+        self.roles = sorted(parts)
+        for role in self.roles:
+            self.register_buffer(role, parts[role])
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, scheme: str, group_size: int = 32) -> QuantizedLinear:
-        w = linear.weight.detach()
+        data, parts, attrs = quantize(linear.weight.detach(), scheme, group_size)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        if scheme == "int8-channel":
-            q, scale = quantize_int8_channel(w)
-            return cls(scheme, q, scale, bias=bias)
-        if scheme == "int4-group":
-            packed, scale, zero = quantize_int4_group(w, group_size)
-            return cls(scheme, packed, scale, zero, group_size, bias, w.shape[1])
-        raise ValueError(f"unknown quantization scheme {scheme!r}")
+        return cls(data, parts, attrs, bias)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {role: getattr(self, role) for role in self.roles}
 
     def dense_weight(self, dtype=torch.float32) -> torch.Tensor:
-        if self.scheme == "int8-channel":
-            return dequantize_int8_channel(self.qweight, self.scale, dtype)
-        return dequantize_int4_group(self.qweight, self.scale, self.zero, self.group_size, dtype)
+        return dequantize(self.qweight, self.parts(), self.attrs, dtype)
+
+    def dense_rows(self, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """Rows `ids` of the logical weight, dequantizing only those (an embedding lookup)."""
+        flat = ids.reshape(-1)
+        rows = dequantize(self.qweight[flat], {r: t[flat] for r, t in self.parts().items()}, self.attrs, dtype)
+        return rows.view(*ids.shape, self.in_features)
 
     def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero, self.bias)
+        return sum(t.numel() * t.element_size() for t in (self.qweight, *self.parts().values(), self.bias)
                    if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,3 +161,18 @@ class QuantizedLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
         return f"{self.in_features} -> {self.out_features}, {self.scheme}{group}"
+
+
+class QuantizedEmbedding(torch.nn.Module):
+    """A token embedding kept packed: a lookup dequantizes only the rows it reads.
+
+    `table` is the packed (vocab, dim) matrix; with tied embeddings the
+    output head is that same QuantizedLinear, so the table is held once.
+    """
+
+    def __init__(self, table: QuantizedLinear, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.table, self.dtype = table, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.dense_rows(ids, self.dtype)

@@ -104,6 +104,12 @@ class Trainer:
         self.stage, self.replica = stage_and_replica(info.rank, info.world_size, parallel.pp)
         self.plan = stage_plans(self.cfg, parallel)[self.stage]
         p = self.plan
+        from .quant import SCHEMES
+
+        packed = next((n for n in reader.names() if reader.info(n).scheme in SCHEMES), None)
+        if packed is not None:
+            raise HpcLlamaError(f"{reader.path}: {packed} is quantized ({reader.info(packed).scheme}); training needs "
+                                f"dense weights: hpc-llama convert --dequantize first")
         self.model = load_slice(reader, p.layers, p.embed, p.head, device=info.device, dtype=torch.float32).train()
         for param in self.model.parameters():
             param.requires_grad_(True)

@@ -16,6 +16,7 @@ import torch
 from ..errors import HpcLlamaError
 from ..model import Transformer
 from ..procstats import bytes_read
+from ..quant import SCHEMES as QUANT_SCHEMES
 from .base import CheckpointReader
 from .h5 import INDEX, H5Checkpoint
 from .hf import HFCheckpoint
@@ -68,8 +69,8 @@ def check_structure(reader: CheckpointReader) -> None:
         if src not in stored:
             raise HpcLlamaError(f"{reader.path}: tensor {src} is missing")
         info = reader.info(src)
-        if info.shape != shape:
-            raise HpcLlamaError(f"{reader.path}: tensor {src} has shape {list(info.shape)} "
+        if info.logical_shape != shape:
+            raise HpcLlamaError(f"{reader.path}: tensor {src} has shape {list(info.logical_shape)} "
                                 f"but the model config says {list(shape)}")
     extra = stored - set(shapes) - {"output.weight"}
     if extra:
@@ -98,19 +99,21 @@ def load_slice(reader: CheckpointReader, layers=None, embed: bool = True, head: 
     read_before = bytes_read()  # after building the module, whose first use may import (and read) code
     infos = {n: reader.info(source_name(reader, n)) for n, _ in model.named_parameters()}
     if dtype is None:
-        stored = {i.dtype for i in infos.values()}
+        stored = {i.logical_dtype for i in infos.values()}
         dtype = torch_dtype(stored.pop()) if len(stored) == 1 else torch.float32
     for name, param in model.named_parameters():
         info = infos[name]
-        if tuple(param.shape) != info.shape:
-            raise HpcLlamaError(f"{reader.path}: tensor {info.name} has shape {list(info.shape)} "
+        if tuple(param.shape) != info.logical_shape:
+            raise HpcLlamaError(f"{reader.path}: tensor {info.name} has shape {list(info.logical_shape)} "
                                 f"but the model config says {list(param.shape)}")
-    in_place = torch.device(device).type == "cpu" and all(torch_dtype(i.dtype) == dtype for i in infos.values())
+    packed = {n: i for n, i in infos.items() if i.scheme in QUANT_SCHEMES}
+    dense = {n: i for n, i in infos.items() if n not in packed}
+    in_place = torch.device(device).type == "cpu" and all(torch_dtype(i.dtype) == dtype for i in dense.values())
     # On the CPU in the stored dtype, tensors are read straight into their
     # final place (one huge-page backed block); otherwise each is staged
     # through its own buffer, so a GPU load never holds the slice twice.
     # Read in file order, so storage sees one forward sweep and its readahead works.
-    order = sorted(infos.items(), key=lambda kv: (kv[1].path, kv[1].offset or 0))
+    order = sorted(dense.items(), key=lambda kv: (kv[1].path, kv[1].offset or 0))
     places = carve([info for _, info in order]) if in_place else [None] * len(order)
     for (name, info), place in zip(order, places):
         t = place if place is not None else empty_for(info)
@@ -118,11 +121,33 @@ def load_slice(reader: CheckpointReader, layers=None, embed: bool = True, head: 
         if place is None:
             t = t.to(device=device, dtype=dtype)
         _set_parameter(model, name, t)
+    for name, info in sorted(packed.items()):
+        _set_packed(model, name, reader, info, device, dtype, verify)
     model.tie_weights()
     if stats is not None:
         stats["bytes_read"] = None if read_before is None else bytes_read() - read_before
         stats["seconds"] = round(time.perf_counter() - t0, 3)
     return model.eval()
+
+
+def _set_packed(model: Transformer, name: str, reader: CheckpointReader, info, device, dtype, verify) -> None:
+    """Put a quantized weight in place: its Linear becomes a QuantizedLinear that keeps it packed."""
+    from ..quant import QuantizedEmbedding, QuantizedLinear
+
+    data = reader.read(info.name, verify).to(device)
+    parts = {role: reader.read_part(info.name, role, verify).to(device) for role in info.parts}
+    path = name.rsplit(".", 1)[0]
+    old = model.get_submodule(path)
+    bias = getattr(old, "bias", None)
+    bias = None if bias is None else bias.detach()
+    table = QuantizedLinear(data, parts, info.attrs, bias)
+    if path == "tok_embeddings":
+        model.tok_embeddings = QuantizedEmbedding(table, dtype)
+        if model.output is not None and model.cfg.tie_embeddings:
+            model.output = table  # the tied head computes with the same packed table
+        return
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, table)
 
 
 def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:

@@ -64,6 +64,10 @@ class CheckpointReader:
         """Fill a contiguous CPU tensor of the stored dtype and shape; checksums are verified where stored."""
         raise NotImplementedError
 
+    def read_part(self, name: str, role: str, verify: bool = True) -> torch.Tensor:
+        """A compressed tensor's companion (its `scale`, `zero`, ...); formats without compression have none."""
+        raise HpcLlamaError(f"{self.path}: tensor {name} has no part {role!r}")
+
     def assets(self) -> dict[str, bytes]:
         """Small files carried with the model (tokenizer.json, ...)."""
         raise NotImplementedError

@@ -19,11 +19,15 @@ from ..errors import HpcLlamaError
 from ..partition import plan_shards
 from .base import CheckpointReader, group_by_unit, unit_order
 from .hf import model_config_from_hf
-from .tensors import DTYPES, TORCH_NAMES, TensorInfo, checksum, new_hasher, numpy_view, read_exact
+from .tensors import DTYPES, TORCH_NAMES, TensorInfo, checksum, empty_for, new_hasher, numpy_view, read_exact
 
 FORMAT = "hpc_llama.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest version this code reads. Files without compressed tensors are still written as 1."""
+PLAIN_VERSION = 1
 INDEX = "index.json"
+# Storage schemes this version reads (docs/checkpoint.md); any other is refused, not misread.
+SCHEMES = ("none", "sparse", "int8-channel", "int4-group")
 
 
 def _attr_str(v) -> str:
@@ -62,11 +66,13 @@ class H5File:
                 if checksum(np.frombuffer(raw, np.uint8)) != _attr_str(self.f["index"].attrs.get("xxh3", "")):
                     raise HpcLlamaError(f"{self.path}: checksum mismatch in the tensor index: the file is corrupt")
                 self._index = json.loads(raw)
-                listed, present = set(self._index), set(stored)
+                listed = set(self._index) | {p["dataset"] for e in self._index.values()
+                                             for p in e.get("parts", {}).values()}
+                present = set(stored)
                 for name in stored:
                     if name not in listed:
                         raise HpcLlamaError(f"{self.path}: tensor {name} is stored but not in the index: the file is corrupt")
-                for name in self._index:
+                for name in listed:
                     if name not in present:
                         raise HpcLlamaError(f"{self.path}: tensor {name} is missing")
             else:
@@ -91,6 +97,17 @@ class H5File:
         # stays readable; the low-level open skips h5py's per-object wrappers.
         if self._group is None:
             self._group = self.f["tensors"].id
+        parts = {role: self._dataset_info(p["dataset"], p)[0] for role, p in entry.get("parts", {}).items()}
+        info, stored = self._dataset_info(name, entry)
+        if stored is not None or any(p.disk_bytes is not None for p in parts.values()):
+            stored = (stored if stored is not None else info.nbytes) + sum(p.stored_bytes for p in parts.values())
+        info = TensorInfo(name, info.shape, info.dtype, info.nbytes, self.path, info.offset, info.checksum,
+                          entry.get("attrs", {}), parts, stored)
+        self._infos[name] = info
+        return info
+
+    def _dataset_info(self, name: str, entry: dict) -> tuple[TensorInfo, int | None]:
+        """One dataset's place, and its bytes on disk when a filter makes them differ from its size."""
         d = h5py.h5d.open(self._group, name.encode())
         offset = d.get_offset()  # None unless contiguous (filters need chunks)
         shape = tuple(entry["shape"])
@@ -98,14 +115,12 @@ class H5File:
             raise HpcLlamaError(f"{self.path}: tensor {name} disagrees with the index: the file is corrupt")
         itemsize = np.dtype(DTYPES[entry["dtype"]][0]).itemsize if entry["dtype"] in DTYPES else d.dtype.itemsize
         nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
-        info = TensorInfo(name, shape, entry["dtype"], nbytes, self.path, offset, entry.get("xxh3"),
-                          entry.get("attrs", {}))
-        self._infos[name] = info
-        return info
+        disk = d.get_storage_size() if offset is None else None
+        return TensorInfo(name, shape, entry["dtype"], nbytes, self.path, offset, entry.get("xxh3")), disk
 
     def read_into(self, info: TensorInfo, out: np.ndarray, verify: bool) -> None:
-        scheme = info.attrs.get("scheme", "none")
-        if scheme != "none":
+        scheme = info.scheme
+        if scheme not in SCHEMES:
             raise HpcLlamaError(f"{self.path}: tensor {info.name} is stored as {scheme!r}, "
                                 f"which this version of hpc_llama does not read")
         hasher = new_hasher() if verify and info.checksum else None
@@ -199,6 +214,15 @@ class H5Checkpoint(CheckpointReader):
         info = self._check_out(name, out)
         self._shard(name).read_into(info, numpy_view(out), verify)
 
+    def read_part(self, name: str, role: str, verify: bool = True) -> torch.Tensor:
+        info = self.info(name)
+        if role not in info.parts:
+            raise HpcLlamaError(f"{self.path}: tensor {name} ({info.scheme}) has no part {role!r}: the file is corrupt")
+        part = info.parts[role]
+        out = empty_for(part)
+        self._shard(name).read_into(part, numpy_view(out), verify)
+        return out
+
     def assets(self) -> dict[str, bytes]:
         if not self._asset_shard:
             return {}
@@ -217,12 +241,13 @@ class H5Checkpoint(CheckpointReader):
 class H5Writer:
     """Writes one file of the format; tensors are added one at a time."""
 
-    def __init__(self, path: str, hf_config: dict, assets: dict[str, bytes] | None = None, meta: dict | None = None):
+    def __init__(self, path: str, hf_config: dict, assets: dict[str, bytes] | None = None, meta: dict | None = None,
+                 version: int = PLAIN_VERSION):
         from .. import __version__
 
         self.f = h5py.File(path, "w")
         self.f.attrs["format"] = FORMAT
-        self.f.attrs["format_version"] = FORMAT_VERSION
+        self.f.attrs["format_version"] = version
         self.f.attrs["config"] = json.dumps(hf_config, sort_keys=True)
         self.f.attrs["created_by"] = f"hpc_llama {__version__}"
         for k, v in (meta or {}).items():
@@ -233,29 +258,49 @@ class H5Writer:
             g = self.f.create_group("assets")
             for name, data in sorted(assets.items()):
                 arr = np.frombuffer(data, np.uint8)
-                d = g.create_dataset(name, data=arr)
+                d = g.create_dataset(name, data=arr, track_times=False)
                 d.attrs["xxh3"] = checksum(arr)
 
-    def add(self, name: str, tensor: torch.Tensor, attrs: dict | None = None) -> str:
+    def add(self, name: str, tensor: torch.Tensor, attrs: dict | None = None,
+            parts: dict[str, torch.Tensor] | None = None) -> str:
+        """Store one tensor; a compressed one also gives its scheme in `attrs` and its companions in `parts`."""
+        attrs = dict(attrs or {})
+        # A pruned tensor is mostly zeros: a byte-shuffle + deflate filter stores
+        # it in about (1 - sparsity) of its size, and any HDF5 tool still reads it.
+        entry = self._dataset(name, tensor, filtered=attrs.get("scheme") == "sparse")
+        for k, v in attrs.items():
+            self.tensors[name].attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+        entry["attrs"] = attrs
+        if parts:
+            entry["parts"] = {}
+            for role, t in sorted(parts.items()):
+                entry["parts"][role] = {"dataset": f"{name}.{role}", **self._dataset(f"{name}.{role}", t)}
+            self.tensors[name].attrs["parts"] = json.dumps({r: p["dataset"] for r, p in entry["parts"].items()})
+        self.index[name] = entry
+        return entry["xxh3"]
+
+    def _dataset(self, name: str, tensor: torch.Tensor, filtered: bool = False) -> dict:
         t = tensor.detach().cpu().contiguous()
         dtype = TORCH_NAMES.get(t.dtype)
         if dtype is None:
             raise HpcLlamaError(f"tensor {name}: dtype {t.dtype} cannot be stored")
         arr = numpy_view(t)
-        d = self.tensors.create_dataset(name, data=arr)
+        extra = {}
+        if filtered and arr.size:
+            rows = max(1, min(arr.shape[0], (1 << 20) // max(1, arr[0].nbytes)))  # ~1 MiB chunks
+            extra = dict(chunks=(rows, *arr.shape[1:]), shuffle=True, compression="gzip", compression_opts=4)
+        # No timestamps: the same tensors give the same file bytes, whatever the layout that wrote them.
+        d = self.tensors.create_dataset(name, data=arr, track_times=False, **extra)
         d.attrs["dtype"] = dtype
         digest = checksum(arr)
         d.attrs["xxh3"] = digest
-        for k, v in (attrs or {}).items():
-            d.attrs[k] = v
-        self.index[name] = {"dtype": dtype, "shape": list(arr.shape), "xxh3": digest, "attrs": dict(attrs or {})}
-        return digest
+        return {"dtype": dtype, "shape": list(arr.shape), "xxh3": digest}
 
     def close(self):
         # One small JSON dataset describes every tensor, so a reader learns
         # dtypes and checksums in one read instead of one per tensor.
         raw = np.frombuffer(json.dumps(self.index, sort_keys=True).encode(), np.uint8)
-        d = self.f.create_dataset("index", data=raw)
+        d = self.f.create_dataset("index", data=raw, track_times=False)
         d.attrs["xxh3"] = checksum(raw)
         self.f.close()
 
@@ -271,29 +316,36 @@ def write_checkpoint(dst: str, reader: CheckpointReader, shard_bytes: int | None
     names = reader.names()
     assets = reader.assets()
     units = group_by_unit(names)
+    compressed = "hpc_llama" in hf_config or any(reader.info(n).scheme != "none" for n in names)
+    version = FORMAT_VERSION if compressed else PLAIN_VERSION
+
+    def add(w, n):  # a compressed tensor keeps its scheme and companions, bit for bit
+        info = reader.info(n)
+        w.add(n, reader.read(n), info.attrs, {r: reader.read_part(n, r) for r in info.parts})
+
     if shard_bytes is None:
-        w = H5Writer(dst, hf_config, assets)
+        w = H5Writer(dst, hf_config, assets, version=version)
         try:
             for n in names:
-                w.add(n, reader.read(n))
+                add(w, n)
         finally:
             w.close()
         return
-    sizes = [sum(reader.info(n).nbytes for n in group) for group in units]
+    sizes = [sum(reader.info(n).stored_bytes for n in group) for group in units]
     plan = plan_shards(sizes, shard_bytes)
     os.makedirs(dst)
     where = {}
     for s, unit_ids in enumerate(plan):
         fname = f"model-{s + 1:05d}-of-{len(plan):05d}.h5"
-        w = H5Writer(os.path.join(dst, fname), hf_config, assets if s == 0 else None)
+        w = H5Writer(os.path.join(dst, fname), hf_config, assets if s == 0 else None, version=version)
         try:
             for u in unit_ids:
                 for n in units[u]:
-                    w.add(n, reader.read(n))
+                    add(w, n)
                     where[n] = fname
         finally:
             w.close()
-    index = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": hf_config,
+    index = {"format": FORMAT, "format_version": version, "config": hf_config,
              "assets": f"model-00001-of-{len(plan):05d}.h5" if assets else None,
              "shards": [f"model-{s + 1:05d}-of-{len(plan):05d}.h5" for s in range(len(plan))],
              "tensors": where}

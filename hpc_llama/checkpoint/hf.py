@@ -83,6 +83,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = None
     eos = hf.get("eos_token_id", 2)
+    # Shapes that structured pruning and factorisation change (docs/checkpoint.md, format 2).
+    ours = hf.get("hpc_llama") or {}
     try:
         return ModelConfig(
             vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
@@ -92,7 +94,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
             max_seq_len=hf.get("max_position_embeddings", 2048),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
-            bos_id=hf.get("bos_token_id"), eos_ids=() if eos is None else eos)
+            bos_id=hf.get("bos_token_id"), eos_ids=() if eos is None else eos,
+            layer_shapes=ours.get("layer_shapes") or None, lowrank=ours.get("lowrank") or None)
     except KeyError as e:
         raise HpcLlamaError(f"model config lacks the field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
@@ -113,6 +116,9 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str = "float32") -> dict:
         "eos_token_id": cfg.eos_ids[0] if len(cfg.eos_ids) == 1 else list(cfg.eos_ids),
         "torch_dtype": dtype,
     }
+    if cfg.layer_shapes or cfg.lowrank:
+        hf["hpc_llama"] = {"layer_shapes": {str(k): v for k, v in sorted((cfg.layer_shapes or {}).items())},
+                           "lowrank": dict(sorted((cfg.lowrank or {}).items()))}
     return hf
 
 
@@ -237,12 +243,12 @@ def write_safetensors(path: str, reader: CheckpointReader, names: list[str]) -> 
             f.write(numpy_view(reader.read(n)).data)
 
 
-def write_hf(dst: str, reader: CheckpointReader, shard_bytes: int | None = None) -> None:
+def write_hf(dst: str, reader: CheckpointReader, shard_bytes: int | None = None, hf_config: dict | None = None) -> None:
     """Export as an HF model directory (config.json, safetensors, tokenizer files) that
     `LlamaForCausalLM.from_pretrained` loads. `dst` must not exist."""
     os.makedirs(dst)
     with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(reader.hf_config, f, indent=2, sort_keys=True)
+        json.dump(hf_config or reader.hf_config, f, indent=2, sort_keys=True)
     for fname, data in reader.assets().items():
         with open(os.path.join(dst, fname), "wb") as f:
             f.write(data)

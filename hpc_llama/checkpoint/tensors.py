@@ -44,6 +44,31 @@ class TensorInfo:
     checksum: str | None = None
     """xxh3-64 of the raw bytes as a hex string."""
     attrs: dict = field(default_factory=dict)
+    """How to rebuild the logical tensor when it is stored compressed (`scheme`, ...; docs/checkpoint.md)."""
+    parts: dict = field(default_factory=dict)
+    """role -> TensorInfo of a companion dataset (a quantized tensor's scale and offset)."""
+    disk_bytes: int | None = None
+    """Bytes the tensor and its parts take in the file, where a filter makes that differ from nbytes."""
+
+    @property
+    def scheme(self) -> str:
+        return self.attrs.get("scheme", "none")
+
+    @property
+    def logical_shape(self) -> tuple[int, ...]:
+        """The shape the model computes with (a packed tensor's stored shape differs)."""
+        return tuple(self.attrs.get("logical_shape", self.shape))
+
+    @property
+    def logical_dtype(self) -> str:
+        return self.attrs.get("logical_dtype", self.dtype)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes in the file: the tensor and its parts, after any filter."""
+        if self.disk_bytes is not None:
+            return self.disk_bytes
+        return self.nbytes + sum(p.stored_bytes for p in self.parts.values())
 
 
 def checksum(data) -> str:

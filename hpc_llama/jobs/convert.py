@@ -5,13 +5,17 @@
     hpc-llama convert llama3-8b.h5 llama3-8b-hf --format hf           # -> HF directory (from_pretrained loads it)
     hpc-llama convert model.Q4_1.gguf model.h5                        # llama.cpp GGUF -> HDF5 (dequantized)
     hpc-llama convert smollm2-135m smollm2.h5                         # the embedded default model
+    hpc-llama convert small-int4.h5 small-hf --format hf --dequantize # compressed -> dense HF directory
 
 The destination format follows from its name unless --format says: a name
 ending in .h5 is one HDF5 file; otherwise an HF or GGUF source becomes HDF5
 shards and an HDF5 source becomes an HF directory. GGUF's quantized tensors
 become float32, its Q/K rows are put back in HF's order, and its tokenizer and
 chat template become tokenizer.json and tokenizer_config.json. Tensors are copied bit for bit unless
---dtype asks for a cast. The output appears only when complete.
+--dtype asks for a cast. A compressed checkpoint (hpc-llama compress) keeps its
+packed tensors in HDF5; HF has no form for them, so writing HF needs
+--dequantize, which also multiplies low-rank factors back. The output appears
+only when complete.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ def add_arguments(p):
                    help="largest shard, e.g. 2GB (default 5GB for directories); shards are cut at layer boundaries")
     p.add_argument("--dtype", choices=("keep", "fp32", "bf16", "fp16"), default="keep",
                    help="cast floating-point tensors (default: keep the stored dtype, bit-exact)")
+    p.add_argument("--dequantize", action="store_true", help="write a compressed checkpoint's dense weights "
+                   "(quantized tensors dequantized, low-rank factors multiplied back)")
     p.add_argument("--force", action="store_true", help="replace the destination if it exists")
 
 
@@ -46,7 +52,8 @@ def run(args) -> int:
     from ..checkpoint import check_structure, open_checkpoint
     from ..checkpoint.h5 import write_checkpoint
     from ..checkpoint.hf import write_hf
-    from ..checkpoint.views import CastReader
+    from ..checkpoint.views import CastReader, DenseReader, uniform_hf
+    from ..quant import SCHEMES
     from ..errors import HpcLlamaError
     from ..outputs import atomic_path, check_destination, parse_size
     from ..runtime import world_comm
@@ -63,11 +70,18 @@ def run(args) -> int:
         if fmt == "h5" and args.shard_size:
             raise HpcLlamaError("--shard-size needs a sharded destination (--format h5-sharded or hf)")
         shard = parse_size(args.shard_size or "5GB")
+        if args.dequantize:
+            reader = DenseReader(reader)
+        packed = next((n for n in reader.names() if reader.info(n).scheme in SCHEMES), None)
+        if packed is not None and (fmt == "hf" or args.dtype != "keep"):
+            what = "an HF directory" if fmt == "hf" else f"a {args.dtype} cast"
+            raise HpcLlamaError(f"{args.src}: {packed} is stored as {reader.info(packed).scheme}, which {what} "
+                                f"cannot hold; give --dequantize to write dense weights")
         if args.dtype != "keep":
             reader = CastReader(reader, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
         with atomic_path(args.dst, args.force) as tmp:
             if fmt == "hf":
-                write_hf(tmp, reader, shard)
+                write_hf(tmp, reader, shard, uniform_hf(reader) if "hpc_llama" in reader.hf_config else None)
             else:
                 write_checkpoint(tmp, reader, shard if fmt == "h5-sharded" else None)
         n = len(reader.names())

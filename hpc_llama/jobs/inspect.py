@@ -3,6 +3,7 @@
     hpc-llama inspect llama3-8b.h5                 # config, parameters, bytes per layer, dtypes
     hpc-llama inspect llama3-8b.h5 --pp 4          # ... and what each of 4 pipeline stages would read
     hpc-llama inspect llama3-8b.h5 --verify        # read every tensor and check its checksum
+    hpc-llama inspect small-int4.h5 --tensors      # every tensor: storage scheme, shapes, bytes
 
 Exits non-zero when a tensor is missing, has the wrong shape, or (with
 --verify) does not match its checksum.
@@ -16,6 +17,7 @@ def add_arguments(p):
     p.add_argument("--verify", action="store_true", help="read every tensor and verify its checksum")
     p.add_argument("--pp", type=int, default=None, help="show the split over this many pipeline stages")
     p.add_argument("--partition", choices=("compute", "balanced", "uniform"), default="compute", help="stage split method")
+    p.add_argument("--tensors", action="store_true", help="list every tensor with its storage scheme, shapes and bytes")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
 
 
@@ -30,24 +32,43 @@ def summarize(reader, pp: int | None, partition: str) -> dict:
     cfg = reader.config
     units = {}
     for group in group_by_unit(reader.names()):
-        units[str(unit_of(group[0]))] = sum(reader.info(n).nbytes for n in group)
+        units[str(unit_of(group[0]))] = sum(reader.info(n).stored_bytes for n in group)
     out = {
         "path": reader.path, "format": reader.format, "model_type": reader.hf_config.get("model_type"),
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "parameters": cfg.n_params, "tensors": len(reader.names()),
         "bytes": sum(units.values()), "bytes_per_unit": units,
         "dtypes": dict(Counter(reader.info(n).dtype for n in reader.names())),
+        "schemes": dict(Counter(reader.info(n).scheme for n in reader.names())),
         "assets": {k: len(v) for k, v in reader.assets().items()},
     }
+    ours = reader.hf_config.get("hpc_llama") or {}
+    if ours.get("compression"):
+        out["compression"] = ours["compression"]
+        out["layer_shapes"] = ours.get("layer_shapes") or {}
+        out["lowrank"] = ours.get("lowrank") or {}
     if pp is not None:
         stages = []
         for plan in stage_plans(cfg, ParallelConfig(pp=pp, partition=partition)):
             names = slice_sources(reader, plan.layers, plan.embed, plan.head)
             stages.append({"stage": plan.stage, "layers": [plan.layers.start, plan.layers.stop],
                            "embed": plan.embed, "head": plan.head,
-                           "bytes": sum(reader.info(n).nbytes for n in names)})
+                           "bytes": sum(reader.info(n).stored_bytes for n in names)})
         out["stages"] = stages
     return out
+
+
+def tensor_rows(reader) -> list[dict]:
+    rows = []
+    for n in reader.names():
+        i = reader.info(n)
+        row = {"name": n, "scheme": i.scheme, "dtype": i.dtype, "shape": list(i.shape),
+               "logical_shape": list(i.logical_shape), "bytes": i.stored_bytes}
+        for k in ("group_size", "sparsity", "method"):
+            if k in i.attrs:
+                row[k] = i.attrs[k]
+        rows.append(row)
+    return rows
 
 
 def verify_all(reader) -> tuple[int, int, float]:
@@ -74,6 +95,20 @@ def print_table(s: dict) -> None:
           f"rope {rope}, context {c['max_seq_len']}, tied {'yes' if c['tie_embeddings'] else 'no'}")
     print(f"parameters   {s['parameters']:,} ({s['parameters'] / 1e6:,.1f}M)")
     print(f"tensors      {s['tensors']}, {_mb(s['bytes'])}; " + ", ".join(f"{k} x{v}" for k, v in s["dtypes"].items()))
+    if set(s["schemes"]) != {"none"}:
+        print("storage      " + ", ".join(f"{k} x{v}" for k, v in s["schemes"].items()))
+    if s.get("compression"):
+        steps = " -> ".join(c["method"] + "(" + ", ".join(f"{k}={v}" for k, v in c.items() if k != "method") + ")"
+                            for c in s["compression"])
+        print(f"compression  {steps}")
+        shapes = s["layer_shapes"]
+        if shapes:
+            heads = sorted({v.get("n_heads", c["n_heads"]) for v in shapes.values()})
+            ffn = sorted({v.get("ffn_dim", c["ffn_dim"]) for v in shapes.values()})
+            print(f"pruned       {len(shapes)} layers reshaped: heads {heads}, ffn {ffn}")
+        if s["lowrank"]:
+            ranks = sorted(s["lowrank"].values())
+            print(f"low rank     {len(ranks)} projections as two factors, rank {ranks[0]}-{ranks[-1]}")
     per = s["bytes_per_unit"]
     layers = [v for k, v in per.items() if k not in ("embed", "head")]
     parts = [f"embed {_mb(per['embed'])}"] if "embed" in per else []
@@ -101,10 +136,17 @@ def run(args) -> int:
             n, nbytes, seconds = verify_all(reader)
             has_sums = reader.format.startswith("h5")
             summary["verify"] = {"tensors": n, "bytes": nbytes, "seconds": round(seconds, 3), "checksums": has_sums}
+        if args.tensors:
+            summary["tensor_list"] = tensor_rows(reader)
         if args.json:
             print(json.dumps(summary, indent=1))
         else:
             print_table(summary)
+            for t in summary.get("tensor_list", []):
+                extra = "".join(f" {k}={t[k]}" for k in ("group_size", "sparsity", "method") if k in t)
+                logical = "" if t["logical_shape"] == t["shape"] else f" -> {t['logical_shape']}"
+                print(f"  {t['name']:<40} {t['scheme']:<13} {t['dtype']}{t['shape']}{logical} "
+                      f"{_mb(t['bytes'])}{extra}")
             if args.verify:
                 v = summary["verify"]
                 how = "checksums match" if v["checksums"] else "all readable (this format stores no checksums)"

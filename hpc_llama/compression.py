@@ -187,15 +187,16 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: flo
         for i in range(i2 - i1):
             col = i1 + i
             if col % group_size == 0:  # the group's range, from its weights as corrected so far
-                g = W1[:, i:i + group_size]
+                # The group's scale and offset exactly as round-to-nearest computes them (in fp32), from
+                # its weights as corrected so far; the codes then match what the reader multiplies.
+                g = W1[:, i:i + group_size].float()
                 lo, hi = g.amin(dim=1).clamp(max=0), g.amax(dim=1).clamp(min=0)
-                # Rounded to the stored fp32 first, so the codes match what the reader multiplies.
-                scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(lo)).float().double()
-                zero = torch.round(-lo / scale).clamp_(0, 15)
-                scales[:, col // group_size], zeros[:, col // group_size] = scale.float(), zero.to(torch.uint8)
-            q = (torch.round(W1[:, i] / scale) + zero).clamp_(0, 15)
+                scale32 = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(lo))
+                zero = torch.round(-lo / scale32).clamp_(0, 15)
+                scales[:, col // group_size], zeros[:, col // group_size] = scale32, zero.to(torch.uint8)
+            q = (torch.round(W1[:, i].float() / scale32) + zero).clamp_(0, 15)
             Q[:, col] = q.to(torch.uint8)
-            e = (W1[:, i] - (q - zero) * scale) / Hinv1[i, i]
+            e = (W1[:, i] - ((q - zero) * scale32).double()) / Hinv1[i, i]
             W1[:, i:] -= e[:, None] * Hinv1[i, i:][None, :]
             err[:, i] = e
         W[:, i2:] -= err @ Hinv[i1:i2, i2:]

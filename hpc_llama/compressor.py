@@ -100,6 +100,12 @@ def plan_steps(methods: list[str], *, sparsity=None, ffn_prune=None, head_prune=
         except ValueError as e:
             raise HpcLlamaError(str(e)) from None
         steps.append(Step(m, opts))
+    used = {s.method for s in steps}
+    for flag, value, users in (("--sparsity", sparsity, ("prune",)), ("--ffn-prune", ffn_prune, ("prune-ffn",)),
+                               ("--head-prune", head_prune, ("prune-heads",)), ("--rank", rank, ("lowrank",)),
+                               ("--energy", energy, ("lowrank",)), ("--embeddings", embeddings or None, QUANT_METHODS)):
+        if value is not None and not used & set(users):
+            raise HpcLlamaError(f"{flag} is given but no method uses it ({', '.join(users)})")
     return steps
 
 

@@ -115,6 +115,9 @@ def test_gptq_lowers_the_output_error_of_round_to_nearest_on_correlated_inputs()
     (["gptq"], {}, "gptq needs calibration text"),
     (["int4"], {"group_size": 3}, "group size must be an even number"),
     (["int8", "int8"], {}, "given twice"),
+    (["int8"], {"sparsity": 0.5}, "--sparsity is given but no method uses it"),
+    (["prune"], {"sparsity": 0.5, "embeddings": True}, "--embeddings is given but no method uses it"),
+    (["int8"], {"rank": 8}, "--rank is given but no method uses it"),
     ([], {}, "at least one --method"),
 ])
 def test_impossible_chains_are_refused_before_any_work(methods, kw, message):
@@ -365,6 +368,7 @@ def test_bad_input_one_line_and_nothing_written(models, tmp_path):
         (["--method", "int8", "--eval", str(empty)], "no text to use (empty)"),
         (["--method", "gptq"], "gptq needs calibration text"),
         (["--method", "int8", "--targets", "wz"], "unknown projection 'wz'"),
+        (["--method", "int8", "--calib", models["calib"]], "--calib is given but none of the methods uses"),
     ]
     for args, message in cases:
         _one_line_error(_compress(m, out, *args, check=False), message, out, out + ".summary.json")

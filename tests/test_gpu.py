@@ -40,3 +40,20 @@ def test_nccl_pipeline_in_bf16(tmp_path, hf_dirs):
     p = run_mpi(2, os.path.join(BIN, "hpc-llama"), "check", "--model", hf_dirs["llama3"], "--pp", "2", "--dtype", "bf16",
                 check=True)
     assert "cuda:0" in p.stdout and "cuda:1" in p.stdout
+
+
+def test_packed_int4_weights_run_on_the_gpu_in_bf16(tmp_path, hf_dirs):
+    from hpc_llama.checkpoint import load_slice, open_checkpoint
+    from hpc_llama.quant import QuantizedLinear
+
+    out = tmp_path / "q.h5"
+    run_cli("compress", "--model", hf_dirs["llama3"], "--output", out, "--method", "int4", "--group-size", "16",
+            "--embeddings", check=True)
+    x = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with open_checkpoint(str(out)) as r, torch.no_grad():
+        cpu = load_slice(r, dtype=torch.float32)(x)
+        model = load_slice(r, device="cuda:0", dtype=torch.bfloat16)
+        gpu = model(x.cuda()).float().cpu()
+    packed = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert packed and all(m.qweight.device.type == "cuda" and m.qweight.dtype == torch.uint8 for m in packed)
+    assert (gpu - cpu).abs().max().item() < 0.1  # bf16 activations against fp32

@@ -132,6 +132,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "Paris" in answers[0]["completion"]  # a real model, converted right, answering through its chat template
     docs = json.load(open(tmp_path / "demo" / "docs-scores.jsonl.summary.json"))
     assert docs["corpus_ppl"] < 40  # real English prose under a real model (a random one scores ~49,000)
+    small = json.load(open(tmp_path / "demo" / "smollm2-int8.h5.summary.json"))
+    assert small["ranks"] == 2 and small["bytes"]["compressed"] < 0.3 * small["bytes"]["original_fp32"]
+    assert abs(small["eval"]["perplexity_change"]) < 0.01 and "Compressed to int8" in report
     lora = [r["val_loss"] for r in map(json.loads, open(tmp_path / "demo" / "lora" / "metrics.jsonl"))
             if r.get("val_loss") is not None]
     assert lora[-1] < lora[0]

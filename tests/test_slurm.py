@@ -44,9 +44,26 @@ def test_score_template_on_two_nodes(slurm, scored_model, tmp_path):
     assert {r["rank"] for r in summary["ranks"]} == {0, 1, 2, 3}
 
 
+def test_compress_template_on_two_nodes_writes_the_one_rank_bytes(slurm, scored_model, tmp_path):
+    d, model, docs = scored_model
+    args = ["--method", "prune-ffn,int4", "--ffn-prune", "0.25", "--group-size", "16"]
+    run_cli("compress", "--model", model, "--output", tmp_path / "one.h5", *args, check=True)
+    out = tmp_path / "slurm.h5"
+    env = dict(SLURM_ENV, MODEL=model, OUTPUT=str(out), METHOD="prune-ffn,int4",
+               ARGS="--ffn-prune 0.25 --group-size 16")
+    job = slurm.sbatch("-N", "2", "--ntasks-per-node=1", "--chdir", ROOT, "--output", tmp_path / "job.out",
+                       "--export=ALL", os.path.join(ROOT, "slurm", "compress.sbatch"), env=env)
+    info = slurm.wait(job)
+    assert info["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()
+    assert info["NodeList"] == "n[1-2]"
+    assert out.read_bytes() == (tmp_path / "one.h5").read_bytes()
+    assert json.load(open(str(out) + ".summary.json"))["ranks"] == 2
+
+
 @pytest.mark.parametrize("template, needle", [("score", "MODEL: is required"), ("train", "CONFIG: is required"),
                                               ("generate", "MODEL: is required"), ("merge", "OUTPUT: is required"),
-                                              ("score-scheduled", "MODEL: is required")])
+                                              ("score-scheduled", "MODEL: is required"),
+                                              ("compress", "MODEL: is required")])
 def test_template_without_required_variables_fails_with_one_line(slurm, tmp_path, template, needle):
     job = slurm.sbatch("-N", "1", "-n", "1", "--output", tmp_path / "job.out", "--export=ALL",
                        os.path.join(ROOT, "slurm", f"{template}.sbatch"), env=SLURM_ENV)

@@ -85,6 +85,8 @@ def run(args) -> int:
         raise HpcLlamaError(f"--targets: unknown projection {bad[0] if bad else '(none)'!r} "
                             f"(known: {', '.join(PROJECTIONS)})")
     calibrated = bool(args.calib) and any(m in CALIBRATED for m in methods)
+    if args.calib and not calibrated:
+        raise HpcLlamaError(f"--calib is given but none of the methods uses calibration ({', '.join(CALIBRATED)})")
     steps = plan_steps(methods, sparsity=args.sparsity, ffn_prune=args.ffn_prune, head_prune=args.head_prune,
                        rank=args.rank, energy=args.energy, group_size=args.group_size, calibrated=calibrated,
                        embeddings=args.embeddings)

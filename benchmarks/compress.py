@@ -45,6 +45,8 @@ METHODS = {
     "int4-g32+emb": ["--method", "int4", "--group-size", "32", "--embeddings"],
     "int4-g32+emb8": ["--method", "int4", "--group-size", "32", "--embeddings", "int8"],
     "gptq-g32+emb8": ["--method", "gptq", "--group-size", "32", "--embeddings", "int8", "calib"],
+    "gptq-g32+emb8-c384": ["--method", "gptq", "--group-size", "32", "--embeddings", "int8", "calib",
+                           "--calib-samples", "384"],
     "gptq-g32+emb": ["--method", "gptq", "--group-size", "32", "--embeddings", "calib"],
     "prune-0.5-magnitude": ["--method", "prune", "--sparsity", "0.5"],
     "prune-0.5-wanda": ["--method", "prune", "--sparsity", "0.5", "calib"],
@@ -126,7 +128,7 @@ def projection_times(n_in=576, n_out=1536, ranks=(48, 96, 192, 288, 384), rows=(
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "compress.json"))
-    ap.add_argument("--only", help="comma-separated method names (default all)")
+    ap.add_argument("--only", help="comma-separated method names (default all); updates those rows of --out")
     ap.add_argument("--windows", type=int, default=32, help="held-out windows of 256 tokens (default 32)")
     ap.add_argument("--keep", help="directory to keep the compressed checkpoints in")
     ap.add_argument("--reuse", action="store_true", help="with --keep: time checkpoints made by an earlier run")
@@ -162,12 +164,16 @@ def main():
     n_tok = sum(b.numel() for b in batches)
     names = args.only.split(",") if args.only else list(METHODS)
     rows = {}
+    if args.only and os.path.exists(args.out):  # a partial run updates its rows of the last table
+        rows = json.load(open(args.out)).get("methods", {})
     for name in names:
         spec = METHODS[name]
         out = os.path.join(tmp, f"{name}.h5")
         cmd = [hpc, "compress", "--model", original, "--output", out, "--force", "--eval", heldout,
                "--eval-windows", str(args.windows), "--eval-len", "256", "--quiet"]
-        cmd += [a for a in spec if a != "calib"] + (["--calib", calib, *CALIB] if "calib" in spec else [])
+        cmd += [a for a in spec if a != "calib"] + (["--calib", calib] if "calib" in spec else [])
+        if "calib" in spec and "--calib-samples" not in spec:
+            cmd += CALIB
         t0 = time.perf_counter()
         if not (args.reuse and os.path.exists(out + ".summary.json")):
             subprocess.run(cmd, check=True)

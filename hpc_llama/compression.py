@@ -33,6 +33,35 @@ def check_fraction(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
 
 
+def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
+    """`--layers` as sorted layer ids: comma-separated ids and inclusive ranges, e.g. "0-3,28,29"."""
+    ids = set()
+    for part in spec.split(","):
+        part = part.strip()
+        lo, dash, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise ValueError(f"--layers: {part!r} is not a layer or a range like 4-7") from None
+        if a > b:
+            raise ValueError(f"--layers: range {part} runs backwards")
+        if a < 0 or b >= n_layers:
+            raise ValueError(f"--layers: {part} is outside the model's layers 0-{n_layers - 1}")
+        ids.update(range(a, b + 1))
+    return tuple(sorted(ids))
+
+
+def format_layers(ids) -> str:
+    """Layer ids as `--layers` writes them: (0, 1, 2, 3, 28, 29) -> "0-3,28-29"."""
+    runs, ids = [], sorted(ids)
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 # --- unstructured pruning ----------------------------------------------------
 
 

@@ -119,6 +119,11 @@ def plan_steps(methods: list[str], *, sparsity=None, ffn_prune=None, head_prune=
     return steps
 
 
+def restrict(steps: list[Step], layers: tuple[int, ...]) -> list[Step]:
+    """The chain applied to `layers` only (the others are copied as they are); recorded with each step."""
+    return [Step(s.method, {**s.options, "layers": list(layers)}) for s in steps]
+
+
 @dataclass
 class Packed:
     """A quantized tensor as stored: packed data, its parts, and the attrs that say how to read it."""
@@ -193,6 +198,8 @@ def compress_layer(layer: int, tensors: dict, cfg, steps: list[Step], targets: t
     head_dim = cfg.head_dim
     for step in steps:
         m, o = step.method, step.options
+        if "layers" in o and layer not in o["layers"]:
+            continue
         if m == "prune-heads":
             wq, wo = _dense(t, f"{p}.attention.wq.weight", m), _dense(t, f"{p}.attention.wo.weight", m)
             norm = stats.norm("attn_out") if stats is not None and o["score"] == "activation" else None

@@ -15,8 +15,8 @@ from conftest import BIN, make_hf_model, run_cli, run_mpi
 
 HPC = os.path.join(BIN, "hpc-llama")
 
-from hpc_llama.compression import (channels_to_keep, gptq_int4, heads_to_keep, magnitude_prune, rank_for_energy,
-                                   svd_factors, wanda_prune)
+from hpc_llama.compression import (channels_to_keep, format_layers, gptq_int4, heads_to_keep, magnitude_prune,
+                                   parse_layers, rank_for_energy, svd_factors, wanda_prune)
 from hpc_llama.compressor import plan_steps
 from hpc_llama.errors import HpcLlamaError
 from hpc_llama.model import ModelConfig, Transformer, layer_param_counts
@@ -60,6 +60,25 @@ def test_channels_to_keep_counts_and_keeps_the_highest(n, fraction, multiple, ke
 def test_rank_for_energy_hand_worked(energy, rank):
     # squared singular values 9, 4, 1: cumulative shares 9/14 = 0.643, 13/14 = 0.929, 1
     assert rank_for_energy(torch.tensor([3.0, 2.0, 1.0]), energy) == rank
+
+
+@pytest.mark.parametrize("spec, n, ids", [
+    ("0-3,28,29", 30, (0, 1, 2, 3, 28, 29)), ("2", 4, (2,)), ("1-1,1, 0", 4, (0, 1)), ("3-3", 4, (3,)),
+    ("4", 4, "outside the model's layers 0-3"), ("-1", 4, "is not a layer"), ("3-1", 4, "runs backwards"),
+    ("a", 4, "'a' is not a layer"), ("", 4, "'' is not a layer"), ("1-", 4, "is not a layer"),
+])
+def test_parse_layers(spec, n, ids):
+    if isinstance(ids, str):
+        with pytest.raises(ValueError, match=ids):
+            parse_layers(spec, n)
+    else:
+        assert parse_layers(spec, n) == ids
+        assert parse_layers(format_layers(ids), n) == ids
+
+
+def test_format_layers():
+    assert format_layers([29, 0, 1, 2, 3, 28]) == "0-3,28-29"
+    assert format_layers([5]) == "5" and format_layers([1, 3]) == "1,3"
 
 
 def test_svd_factors_meet_eckart_young_and_reconstruct_at_full_rank():
@@ -319,6 +338,39 @@ def test_chain_changes_shapes_runs_and_matches_transformers_dense(models, chaine
     assert summary["parameters"]["compressed"] == cfg.n_params
 
 
+def test_layers_limits_the_chain_and_leaves_the_others_as_they_were(models, tmp_path):
+    from hpc_llama.checkpoint import open_checkpoint
+
+    args = ["--method", "prune-heads,int4", "--head-prune", "0.5", "--group-size", "16", "--layers", "1-2"]
+    one, two = str(tmp_path / "l1.h5"), str(tmp_path / "l2.h5")
+    _compress(models["llama3"], one, *args)
+    _compress(models["llama3"], two, *args, n=2)
+    assert open(one, "rb").read() == open(two, "rb").read()
+    with open_checkpoint(models["llama3"]) as orig, open_checkpoint(one) as r:
+        assert r.config.layer_shapes == {1: {"n_heads": 4}, 2: {"n_heads": 4}}
+        for i in (0, 3):
+            for n in (m for m in orig.names() if m.startswith(f"layers.{i}.")):
+                assert r.info(n).scheme == "none" and torch.equal(r.read(n), orig.read(n))
+        for i in (1, 2):
+            assert r.info(f"layers.{i}.attention.wq.weight").scheme == "int4-group"
+            assert r.info(f"layers.{i}.attention.wq.weight").logical_shape == (4 * r.config.head_dim, 64)
+        assert r.info("tok_embeddings.weight").scheme == "none"
+        record = r.hf_config["hpc_llama"]["compression"]
+    assert [s["layers"] for s in record] == [[1, 2], [1, 2]]
+    assert "prune-heads(fraction=0.5, layers=1-2, score=weight)" in run_cli("inspect", one, check=True).stdout
+    # a model with layers of different shapes scores the same at PP 1 and 2
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("def f(x):", "import os\nos.path", "class A:")))
+    outs = []
+    for pp in (1, 2):
+        out = tmp_path / f"s{pp}.jsonl"
+        run_mpi(pp, HPC, "score", "--model", one, "--input", str(inp), "--output", str(out), "--pp", str(pp),
+                "--context", "64", "--quiet", check=True)
+        outs.append([json.loads(line) for line in open(out)])
+    assert len(outs[0]) == 3
+    assert max(abs(a["loglik"] - b["loglik"]) for a, b in zip(*outs)) <= 1e-4
+
+
 def test_eval_perplexity_is_the_reference_perplexity(models, tmp_path):
     from hpc_llama.checkpoint import open_checkpoint
     from hpc_llama.compressor import token_windows
@@ -390,6 +442,7 @@ def test_bad_input_one_line_and_nothing_written(models, tmp_path):
         (["--method", "gptq"], "gptq needs calibration text"),
         (["--method", "int8", "--targets", "wz"], "unknown projection 'wz'"),
         (["--method", "int8", "--calib", models["calib"]], "--calib is given but none of the methods uses"),
+        (["--method", "int8", "--layers", "2-4"], "--layers: 2-4 is outside the model's layers 0-3"),
     ]
     for args, message in cases:
         _one_line_error(_compress(m, out, *args, check=False), message, out, out + ".summary.json")

@@ -42,6 +42,8 @@ def add_arguments(p):
                    "values (a projection is left whole when its rank would not save anything)")
     p.add_argument("--targets", default=",".join(PROJECTIONS), help="projections the methods apply to "
                    "(default all: " + ",".join(PROJECTIONS) + ")")
+    p.add_argument("--layers", help="layers the methods apply to, e.g. 0-3,28,29 (default all; the others are "
+                   "copied as they are: first and last layers kept whole, heads pruned where they matter least)")
     p.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text (JSONL or .txt): gptq needs it; "
                    "pruning then ranks weights by their effect on the activations")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
@@ -67,8 +69,9 @@ def run(args) -> int:
     from ..checkpoint.base import unit_of
     from ..checkpoint.h5 import FORMAT_VERSION, H5Writer
     from ..checkpoint.hf import model_config_from_hf
+    from ..compression import parse_layers
     from ..compressor import (PROJECTIONS, Packed, calibrate, compress_layer, compress_outer, plan_steps,
-                              recv_unit, send_unit, token_windows, unit_tensors)
+                              recv_unit, restrict, send_unit, token_windows, unit_tensors)
     from ..config import ParallelConfig
     from ..errors import HpcLlamaError
     from ..outputs import atomic_path, check_destination
@@ -101,6 +104,11 @@ def run(args) -> int:
     cfg = reader.config
     if not os.path.abspath(args.output).endswith((".h5", ".hdf5")):
         raise HpcLlamaError(f"{args.output}: the compressed checkpoint is one HDF5 file; name it .h5")
+    if args.layers is not None:
+        try:
+            steps = restrict(steps, parse_layers(args.layers, cfg.n_layers))
+        except ValueError as e:
+            raise HpcLlamaError(str(e)) from None
     try:
         plans = stage_plans(cfg, ParallelConfig(pp=world, partition="compute"))
     except HpcLlamaError as e:

@@ -98,7 +98,12 @@ def print_table(s: dict) -> None:
     if set(s["schemes"]) != {"none"}:
         print("storage      " + ", ".join(f"{k} x{v}" for k, v in s["schemes"].items()))
     if s.get("compression"):
-        steps = " -> ".join(c["method"] + "(" + ", ".join(f"{k}={v}" for k, v in c.items() if k != "method") + ")"
+        from ..compression import format_layers
+
+        def opt(k, v):
+            return f"layers={format_layers(v)}" if k == "layers" else f"{k}={v}"
+
+        steps = " -> ".join(c["method"] + "(" + ", ".join(opt(k, v) for k, v in c.items() if k != "method") + ")"
                             for c in s["compression"])
         print(f"compression  {steps}")
         shapes = s["layer_shapes"]

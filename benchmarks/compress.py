@@ -53,7 +53,11 @@ METHODS = {
     "prune-0.2-wanda": ["--method", "prune", "--sparsity", "0.2", "calib"],
     "ffn-0.25": ["--method", "prune-ffn", "--ffn-prune", "0.25", "calib"],
     "ffn-0.1": ["--method", "prune-ffn", "--ffn-prune", "0.1", "calib"],
+    "ffn-0.05": ["--method", "prune-ffn", "--ffn-prune", "0.05", "calib"],
     "heads-0.34": ["--method", "prune-heads", "--head-prune", "0.34", "calib"],
+    # The early layers carry the heads the model cannot lose; the last few can spare a third.
+    "heads-0.34-l27-29": ["--method", "prune-heads", "--head-prune", "0.34", "--layers", "27-29", "calib"],
+    "heads-0.34-l28-29": ["--method", "prune-heads", "--head-prune", "0.34", "--layers", "28-29", "calib"],
     "lowrank-e0.99": ["--method", "lowrank", "--energy", "0.99"],
     "lowrank-r128-wq,wk": ["--method", "lowrank", "--rank", "128", "--targets", "wq,wk"],
     "lowrank-r96": ["--method", "lowrank", "--rank", "96"],

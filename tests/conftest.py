@@ -74,9 +74,86 @@ def hf_models(hf_dirs):
 
 
 def run_cli(*args, timeout=RUN_TIMEOUT, env=None, check=None):
-    """Run `hpc-llama ARGS` in a fresh process; returns CompletedProcess (text)."""
+    """Run `hpc-llama ARGS` in a process of its own; returns CompletedProcess (text).
+
+    The process is forked from a server that has imported torch once
+    (tests/cli_server.py); HPC_LLAMA_TEST_EXEC=1 starts each one from scratch.
+    """
     cmd = [os.path.join(BIN, "hpc-llama"), *map(str, args)]
+    full_env = dict(os.environ, DS_ACCELERATOR="cpu", **(env or {}))
+    if _CliServer.usable(full_env):
+        p = _CliServer.run(cmd, full_env, timeout)
+        if check is not None and (p.returncode == 0) != check:
+            raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n"
+                                 f"{p.stderr}")
+        return p
     return _run(cmd, timeout, env, check)
+
+
+class _CliServer:
+    """The one fork server of this test session, started on first use."""
+
+    proc = None
+    # Read when torch or its OpenMP runtime loads, which the server did already:
+    # a run that sets one of these starts from scratch.
+    IMPORT_TIME = ("OMP_", "MKL_", "KMP_", "GOMP_", "TORCH_", "PYTHON", "LD_", "CUDA", "DS_ACCELERATOR")
+    # Under mpirun (the --with-mpi runs) a child would inherit the launcher's PMI state: no server.
+    LAUNCHED = ("PMI_RANK", "PMI_FD", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
+
+    @classmethod
+    def usable(cls, env) -> bool:
+        if os.environ.get("HPC_LLAMA_TEST_EXEC") or any(k in os.environ for k in cls.LAUNCHED):
+            return False
+        base = dict(os.environ, DS_ACCELERATOR="cpu")
+        keys = {k for k in set(env) | set(base) if k.startswith(cls.IMPORT_TIME)}
+        return all(env.get(k) == base.get(k) for k in keys)
+
+    @classmethod
+    def _start(cls):
+        import atexit
+
+        cls.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "cli_server.py")],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, bufsize=0,
+                                    env=dict(os.environ, DS_ACCELERATOR="cpu"))
+        atexit.register(cls.proc.stdin.close)  # end of input ends the server
+        assert cls._reply(60).get("ready"), "the CLI fork server did not start"
+
+    @classmethod
+    def _reply(cls, timeout):
+        import json
+        import select
+
+        if not select.select([cls.proc.stdout], [], [], timeout)[0]:
+            return None
+        line = cls.proc.stdout.readline()  # unbuffered: select() sees every reply still unread
+        if not line:
+            raise RuntimeError("the CLI fork server ended")
+        return json.loads(line)
+
+    @classmethod
+    def run(cls, cmd, env, timeout):
+        import json
+        import signal
+        import tempfile
+
+        if cls.proc is None or cls.proc.poll() is not None:
+            cls._start()
+        with tempfile.TemporaryDirectory(prefix="cli-") as d:
+            out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
+            open(out, "w").close()
+            open(err, "w").close()
+            req = {"argv0": cmd[0], "argv": cmd[1:], "env": env, "cwd": ROOT, "out": out, "err": err}
+            data = (json.dumps(req) + "\n").encode()
+            while data:
+                data = data[cls.proc.stdin.write(data):]
+            pid = cls._reply(60)["pid"]
+            done = cls._reply(timeout)
+            if done is None:  # as subprocess.run does on a timeout: kill, then raise
+                os.kill(pid, signal.SIGKILL)
+                cls._reply(60)
+                raise subprocess.TimeoutExpired(cmd, timeout, open(out).read(), open(err).read())
+            return subprocess.CompletedProcess(cmd, done["rc"], open(out, errors="replace").read(),
+                                               open(err, errors="replace").read())
 
 
 def run_mpi(n: int, *args, timeout=RUN_TIMEOUT, env=None, check=None):

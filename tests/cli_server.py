@@ -12,8 +12,9 @@ launchers themselves start real processes from scratch.
 Forking after `import torch` is safe because nothing has run yet: no
 OpenMP pool, no MPI (mpi4py is imported by the child), no CUDA.
 
-Protocol: one JSON request per line on stdin ({"argv", "env", "cwd", "out",
-"err"}); replies {"pid"} when the child starts and {"rc"} when it ends.
+Protocol: one JSON request per line on stdin ({"argv0", "argv", "env", "cwd",
+"out", "err"}: out and err are files the child writes its stdout and stderr
+to); replies {"pid"} when the child starts and {"rc"} when it ends.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import sys
 def _child(req, reply_fd):
     try:
         os.close(reply_fd)  # the request pipe is only read, and not inherited by what the child starts
-        os.dup2(os.open(req["out"], os.O_WRONLY | os.O_TRUNC), 1)
-        os.dup2(os.open(req["err"], os.O_WRONLY | os.O_TRUNC), 2)
+        os.dup2(os.open(req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
+        os.dup2(os.open(req["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
         os.environ.clear()
         os.environ.update(req["env"])
         os.chdir(req["cwd"])
@@ -42,7 +43,7 @@ def _child(req, reply_fd):
     # the server loop and the interpreter shuts down as a fresh process would
     # (atexit handlers such as MPI_Finalize, stdio flushed).
     main(req["argv"])
-    sys.exit(0)
+    sys.exit(0)  # never reached; if it were, the child must still not return into the server loop
 
 
 def serve():

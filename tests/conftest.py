@@ -80,14 +80,7 @@ def run_cli(*args, timeout=RUN_TIMEOUT, env=None, check=None):
     (tests/cli_server.py); HPC_LLAMA_TEST_EXEC=1 starts each one from scratch.
     """
     cmd = [os.path.join(BIN, "hpc-llama"), *map(str, args)]
-    full_env = dict(os.environ, DS_ACCELERATOR="cpu", **(env or {}))
-    if _CliServer.usable(full_env):
-        p = _CliServer.run(cmd, full_env, timeout)
-        if check is not None and (p.returncode == 0) != check:
-            raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n"
-                                 f"{p.stderr}")
-        return p
-    return _run(cmd, timeout, env, check)
+    return _run(cmd, timeout, env, check, forked=True)
 
 
 class _CliServer:
@@ -140,8 +133,6 @@ class _CliServer:
             cls._start()
         with tempfile.TemporaryDirectory(prefix="cli-") as d:
             out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
-            open(out, "w").close()
-            open(err, "w").close()
             req = {"argv0": cmd[0], "argv": cmd[1:], "env": env, "cwd": ROOT, "out": out, "err": err}
             data = (json.dumps(req) + "\n").encode()
             while data:
@@ -151,9 +142,13 @@ class _CliServer:
             if done is None:  # as subprocess.run does on a timeout: kill, then raise
                 os.kill(pid, signal.SIGKILL)
                 cls._reply(60)
-                raise subprocess.TimeoutExpired(cmd, timeout, open(out).read(), open(err).read())
-            return subprocess.CompletedProcess(cmd, done["rc"], open(out, errors="replace").read(),
-                                               open(err, errors="replace").read())
+                raise subprocess.TimeoutExpired(cmd, timeout, cls._text(out), cls._text(err))
+            return subprocess.CompletedProcess(cmd, done["rc"], cls._text(out), cls._text(err))
+
+    @staticmethod
+    def _text(path):
+        """What the child wrote there; universal newlines, as subprocess.run(text=True) reads it."""
+        return open(path, errors="replace").read() if os.path.exists(path) else ""
 
 
 def run_mpi(n: int, *args, timeout=RUN_TIMEOUT, env=None, check=None):
@@ -162,9 +157,12 @@ def run_mpi(n: int, *args, timeout=RUN_TIMEOUT, env=None, check=None):
     return _run(cmd, timeout, env, check)
 
 
-def _run(cmd, timeout, env, check):
+def _run(cmd, timeout, env, check, forked=False):
     full_env = dict(os.environ, DS_ACCELERATOR="cpu", **(env or {}))
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+    if forked and _CliServer.usable(full_env):
+        p = _CliServer.run(cmd, full_env, timeout)
+    else:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
     if check is not None and (p.returncode == 0) != check:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}")
     return p

@@ -73,7 +73,6 @@ STDLIB = ["argparse", "asyncio", "collections", "csv", "dataclasses", "datetime"
 def write_texts(tmp: str) -> tuple[str, str]:
     """Calibration: the stdlib's module docstrings; held-out: pydoc topics (different text)."""
     import importlib
-
     from pydoc_data.topics import topics
 
     calib = os.path.join(tmp, "calib.jsonl")
@@ -104,8 +103,8 @@ def timed(model_fn, batches, repeat=3) -> float:
 
 def projection_times(n_in=576, n_out=1536, ranks=(48, 96, 192, 288, 384), rows=(8, 1024)) -> dict:
     """Seconds per call of one projection in each form, per batch size; speed-up against the Linear."""
-    from hpc_llama.model import Linear, LowRankLinear
-    from hpc_llama.quant import QuantizedLinear, quantize
+    from hpc_llama.model.llama import Linear, LowRankLinear
+    from hpc_llama.model.quantized import QuantizedLinear, quantize
 
     g = torch.Generator().manual_seed(0)
     full = Linear(n_in, n_out, bias=False)
@@ -151,9 +150,10 @@ def main():
 
     from transformers import LlamaForCausalLM
 
-    from hpc_llama.checkpoint import load_slice, open_checkpoint
+    from hpc_llama.checkpoint import open_checkpoint
     from hpc_llama.checkpoint.hf import write_hf
-    from hpc_llama.compressor import token_windows
+    from hpc_llama.checkpoint.slices import load_slice
+    from hpc_llama.compress.chain import token_windows
     from hpc_llama.tokenizer import Tokenizer
 
     with open_checkpoint(original) as r:

@@ -34,8 +34,8 @@ from common import ROOT, save_result  # noqa: E402  (benchmarks/common.py, besid
 
 
 def ours(model, info, prompts, new_tokens, batch, capacity):
-    from hpc_llama.generation import GenerationConfig, Prompt, RingGenerator
-    from hpc_llama.sampling import SamplingConfig
+    from hpc_llama.generate.engine import GenerationConfig, Prompt, RingGenerator
+    from hpc_llama.generate.sampling import SamplingConfig
 
     ring = RingGenerator(model, info, 1, GenerationConfig(new_tokens, (), batch, 1), SamplingConfig(), None, (),
                          capacity, torch.float32)
@@ -87,12 +87,13 @@ def main():
 
     from transformers import LlamaForCausalLM
 
-    from hpc_llama.checkpoint import load_slice, open_checkpoint
+    from hpc_llama.checkpoint import open_checkpoint
     from hpc_llama.checkpoint.h5 import write_checkpoint
     from hpc_llama.checkpoint.hf import write_hf
+    from hpc_llama.checkpoint.slices import load_slice
     from hpc_llama.checkpoint.views import InitReader
     from hpc_llama.config import load_sections
-    from hpc_llama.runtime import RankInfo
+    from hpc_llama.parallel.ranks import RankInfo
 
     # No EOS: every prompt gets exactly --new-tokens tokens on both sides.
     cfg = load_sections("bench-100m", ["model.eos_ids=[]"])["model"]

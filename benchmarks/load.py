@@ -68,7 +68,8 @@ def settle() -> None:
 
 
 def time_stage(path: str, plan, repeat: int, cold: bool) -> dict:
-    from hpc_llama.checkpoint import load_slice, open_checkpoint, slice_sources
+    from hpc_llama.checkpoint import open_checkpoint
+    from hpc_llama.checkpoint.slices import load_slice, slice_sources
 
     with open_checkpoint(path) as r:
         infos = [r.info(n) for n in slice_sources(r, plan.layers, plan.embed, plan.head)]
@@ -130,7 +131,7 @@ def bench_config(name: str, pp: int, repeat: int) -> dict:
     from hpc_llama.checkpoint.h5 import write_checkpoint
     from hpc_llama.checkpoint.views import InitReader
     from hpc_llama.config import ParallelConfig, load_sections
-    from hpc_llama.pipeline import stage_plans
+    from hpc_llama.parallel.layout import stage_plans
 
     cfg = load_sections(name)["model"]
     tmp = tempfile.mkdtemp(prefix="hpc-llama-bench-")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from common import ROOT, save_result  # noqa: E402  (benchmarks/common.py, beside this script)
+
 SETS = ["model.n_layers=8", "model.vocab_size=8000", "train.seq_len=256", "train.micro_batch=4",
         "train.global_batch=16", "train.warmup_steps=2", "train.eval_every=0", "train.eval_sequences=4",
         "train.checkpoint_every=0", "parallel.dtype=fp32"]
@@ -38,7 +39,7 @@ SETS = ["model.n_layers=8", "model.vocab_size=8000", "train.seq_len=256", "train
 
 def make_data(tmp: str, vocab: int, tokens: int) -> str:
     """A prepared directory of random token ids (content does not matter for speed)."""
-    from hpc_llama.data import FORMAT, FORMAT_VERSION, write_shard
+    from hpc_llama.train.data import FORMAT, FORMAT_VERSION, write_shard
 
     rng = np.random.default_rng(0)
     docs = [(rng.integers(3, vocab, 4096), None) for _ in range(tokens // 4096)]
@@ -93,12 +94,12 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train.json"))
     args = ap.parse_args()
 
-    from hpc_llama.checkpoint import load_slice
+    from hpc_llama.checkpoint.slices import load_slice
     from hpc_llama.checkpoint.views import InitReader
     from hpc_llama.config import load_sections
-    from hpc_llama.data import SplitData, load_manifest, make_batches, replica_micro_batches, step_sequences
-    from hpc_llama.runtime import describe_rank, start_distributed, world_comm
-    from hpc_llama.training import Trainer, lr_at
+    from hpc_llama.parallel.ranks import describe_rank, start_distributed, world_comm
+    from hpc_llama.train.data import SplitData, load_manifest, make_batches, replica_micro_batches, step_sequences
+    from hpc_llama.train.trainer import Trainer, lr_at
 
     sections = load_sections("bench-100m", SETS + ["train.zero=1"])
     cfg, parallel, tcfg = sections["model"], sections["parallel"], sections["train"]

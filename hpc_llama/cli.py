@@ -12,19 +12,21 @@ import sys
 
 from . import __version__
 
-# subcommand -> (module under hpc_llama.jobs, one-line help)
+# subcommand -> (module with add_arguments and run, one-line help). A job with
+# modules of its own is a package (score, generate, compress, train); the
+# single-module jobs live in hpc_llama.jobs.
 JOBS = {
-    "convert": ("convert", "convert between HF model directories and hpc_llama HDF5 checkpoints"),
-    "inspect": ("inspect", "show a checkpoint's config, sizes and stage split; --verify checks every checksum"),
-    "score": ("score", "log-likelihood and perplexity of documents, in input order, resumable"),
-    "merge": ("merge", "join the parts of a sharded score job (a Slurm job array) into one output, in input order"),
-    "generate": ("generate", "batched generation with a KV cache across pipeline stages, in input order, resumable"),
-    "prepare": ("prepare", "turn a corpus into token shards with a train/val/test split"),
-    "train": ("train", "pretrain, fine-tune or LoRA-tune on DeepSpeed (pipeline or ZeRO), resumable"),
-    "compress": ("compress", "quantize (int8/int4/GPTQ), prune or factorise a checkpoint, each rank its own layers"),
-    "init": ("init", "write a freshly initialised model from a config preset (seeded, layout-independent)"),
-    "demo": ("demo", "show the whole product on 2 ranks, offline, and write a report"),
-    "check": ("check", "run a parallel layout end to end and compare its logits with the whole model"),
+    "convert": ("jobs.convert", "convert between HF model directories and hpc_llama HDF5 checkpoints"),
+    "inspect": ("jobs.inspect", "show a checkpoint's config, sizes and stage split; --verify checks every checksum"),
+    "score": ("score.job", "log-likelihood and perplexity of documents, in input order, resumable"),
+    "merge": ("score.merge", "join the parts of a sharded score job (a Slurm job array) into one output, in input order"),
+    "generate": ("generate.job", "batched generation with a KV cache across pipeline stages, in input order, resumable"),
+    "prepare": ("train.prepare", "turn a corpus into token shards with a train/val/test split"),
+    "train": ("train.job", "pretrain, fine-tune or LoRA-tune on DeepSpeed (pipeline or ZeRO), resumable"),
+    "compress": ("compress.job", "quantize (int8/int4/GPTQ), prune or factorise a checkpoint, each rank its own layers"),
+    "init": ("jobs.init", "write a freshly initialised model from a config preset (seeded, layout-independent)"),
+    "demo": ("jobs.demo", "show the whole product on 2 ranks, offline, and write a report"),
+    "check": ("jobs.check", "run a parallel layout end to end and compare its logits with the whole model"),
 }
 
 
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hpc-llama {__version__}")
     sub = parser.add_subparsers(dest="job", metavar="JOB", required=True, parser_class=_Parser)
     for name, (module, help_text) in JOBS.items():
-        job = importlib.import_module(f"hpc_llama.jobs.{module}")
+        job = importlib.import_module(f"hpc_llama.{module}")
         p = sub.add_parser(name, help=help_text, description=job.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         job.add_arguments(p)
@@ -56,7 +58,7 @@ def _main(argv):
 
 
 def main(argv=None) -> int:
-    from .runtime import run_guarded
+    from .parallel.ranks import run_guarded
 
     code = run_guarded(_main, sys.argv[1:] if argv is None else argv)
     sys.exit(code)

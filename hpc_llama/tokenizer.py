@@ -103,7 +103,7 @@ def tokenize_documents(docs, tokenizer, bos: int | None, comm, rank: int = 0, si
     """
     import numpy as np
 
-    from .mpi_utils import allgather_array
+    from .parallel.collectives import allgather_array
 
     mine = [j for j in range(len(docs)) if j % size == rank]
     texts = [docs[j].text for j in mine if docs[j].text is not None]

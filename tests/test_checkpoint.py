@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from hpc_llama.checkpoint import load_slice, open_checkpoint, slice_sources
+from hpc_llama.checkpoint import open_checkpoint
 from hpc_llama.checkpoint.base import unit_of
 from hpc_llama.checkpoint.h5 import write_checkpoint
 from hpc_llama.checkpoint.hf import to_hf_name, write_hf
+from hpc_llama.checkpoint.slices import load_slice, slice_sources
 from hpc_llama.cli import _main as cli
 from hpc_llama.errors import HpcLlamaError
-from hpc_llama.partition import layer_partition
+from hpc_llama.parallel.layout import layer_partition
 from hpc_llama.procstats import bytes_read
 
 from conftest import make_hf_model

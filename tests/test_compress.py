@@ -11,16 +11,26 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
 from conftest import BIN, make_hf_model, run_cli, run_mpi
 
 HPC = os.path.join(BIN, "hpc-llama")
 
-from hpc_llama.compression import (channels_to_keep, format_layers, gptq_int4, heads_to_keep, magnitude_prune,
-                                   parse_layers, rank_for_energy, svd_factors, wanda_prune)
-from hpc_llama.compressor import plan_steps
+from hpc_llama.compress.chain import plan_steps
+from hpc_llama.compress.methods import (
+    channels_to_keep,
+    format_layers,
+    gptq_int4,
+    heads_to_keep,
+    magnitude_prune,
+    parse_layers,
+    rank_for_energy,
+    svd_factors,
+    wanda_prune,
+)
 from hpc_llama.errors import HpcLlamaError
-from hpc_llama.model import ModelConfig, Transformer, layer_param_counts
-from hpc_llama.quant import dequantize_int4_group, quantize_int4_group
+from hpc_llama.model.llama import ModelConfig, Transformer, layer_param_counts
+from hpc_llama.model.quantized import dequantize_int4_group, quantize_int4_group
 
 # --- arithmetic ----------------------------------------------------------------
 
@@ -216,7 +226,8 @@ def _dense_tensors(path):
 
 
 def _logits(path, x, **kw):
-    from hpc_llama.checkpoint import load_slice, open_checkpoint
+    from hpc_llama.checkpoint import open_checkpoint
+    from hpc_llama.checkpoint.slices import load_slice
 
     with open_checkpoint(path) as r, torch.no_grad():
         return load_slice(r, **kw)(x)
@@ -266,8 +277,9 @@ def test_the_embedding_table_takes_its_own_scheme(models, tmp_path, args, layers
 
 
 def test_int4_shrinks_the_file_and_the_resident_weights(models, tmp_path):
-    from hpc_llama.checkpoint import load_slice, open_checkpoint
-    from hpc_llama.compressor import resident_bytes
+    from hpc_llama.checkpoint import open_checkpoint
+    from hpc_llama.checkpoint.slices import load_slice
+    from hpc_llama.compress.chain import resident_bytes
 
     out = str(tmp_path / "q4.h5")
     _compress(models["tied"], out, "--method", "int4", "--group-size", "16", "--embeddings")
@@ -373,7 +385,7 @@ def test_layers_limits_the_chain_and_leaves_the_others_as_they_were(models, tmp_
 
 def test_eval_perplexity_is_the_reference_perplexity(models, tmp_path):
     from hpc_llama.checkpoint import open_checkpoint
-    from hpc_llama.compressor import token_windows
+    from hpc_llama.compress.chain import token_windows
     from hpc_llama.tokenizer import Tokenizer
 
     out = str(tmp_path / "e.h5")
@@ -468,8 +480,9 @@ def test_training_refuses_a_quantized_checkpoint(models, tmp_path):
 
 
 def test_a_scheme_this_version_does_not_know_is_refused(tmp_path, models):
-    from hpc_llama.checkpoint import load_slice, open_checkpoint
+    from hpc_llama.checkpoint import open_checkpoint
     from hpc_llama.checkpoint.h5 import H5Writer
+    from hpc_llama.checkpoint.slices import load_slice
 
     with open_checkpoint(models["llama3"]) as r:
         path = str(tmp_path / "future.h5")

@@ -69,7 +69,7 @@ def test_every_field_has_a_docstring():
     # Each field is documented right under it; the source shows it.
     import inspect
 
-    from hpc_llama.model import ModelConfig
+    from hpc_llama.model.llama import ModelConfig
 
     for cls in (ModelConfig, ParallelConfig):
         src = inspect.getsource(cls)

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from hpc_llama.data import parse_split, replica_micro_batches, split_of, step_sequences, unigram_entropy
 from hpc_llama.errors import HpcLlamaError
-from hpc_llama.training import lr_at
+from hpc_llama.train.data import parse_split, replica_micro_batches, split_of, step_sequences, unigram_entropy
+from hpc_llama.train.trainer import lr_at
 
 
 def test_split_follows_the_content_hash():

@@ -105,9 +105,9 @@ def hf_model():
 def test_converted_logits_equal_transformers_gguf_loader(hf_model, tokenizer_json, tmp_path, qtype):
     from transformers import LlamaForCausalLM
 
-    from hpc_llama.checkpoint import load_slice, open_checkpoint
-
+    from hpc_llama.checkpoint import open_checkpoint
     from hpc_llama.checkpoint.h5 import write_checkpoint
+    from hpc_llama.checkpoint.slices import load_slice
 
     path = write_gguf(tmp_path / "m.gguf", hf_model, tokenizer_json, qtype)
     with open_checkpoint(path) as r:  # what `convert` does, in this process (the CLI is tested below)

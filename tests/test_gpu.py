@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_rank_takes_the_gpu_of_its_local_rank():
-    from hpc_llama.runtime import describe_rank
+    from hpc_llama.parallel.ranks import describe_rank
 
     info = describe_rank(comm=None, environ={}, cuda_count=torch.cuda.device_count())
     assert info.device == "cuda:0"
@@ -43,8 +43,9 @@ def test_nccl_pipeline_in_bf16(tmp_path, hf_dirs):
 
 
 def test_packed_int4_weights_run_on_the_gpu_in_bf16(tmp_path, hf_dirs):
-    from hpc_llama.checkpoint import load_slice, open_checkpoint
-    from hpc_llama.quant import QuantizedLinear
+    from hpc_llama.checkpoint import open_checkpoint
+    from hpc_llama.checkpoint.slices import load_slice
+    from hpc_llama.model.quantized import QuantizedLinear
 
     out = tmp_path / "q.h5"
     run_cli("compress", "--model", hf_dirs["llama3"], "--output", out, "--method", "int4", "--group-size", "16",

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from hpc_llama.checkpoint import load_slice, open_checkpoint
-from hpc_llama.model import ModelConfig, Transformer, init_weights
-from hpc_llama.partition import layer_partition
+from hpc_llama.checkpoint import open_checkpoint
+from hpc_llama.checkpoint.slices import load_slice
+from hpc_llama.model.llama import ModelConfig, Transformer, init_weights
+from hpc_llama.parallel.layout import layer_partition
 
 from conftest import HF_CONFIGS
 
@@ -32,7 +33,7 @@ def test_logits_match_transformers(name, hf_dirs, hf_models):
 def test_llama3_rope_scaling_is_exercised(hf_dirs):
     # The parity test above only means something for rope scaling if the
     # scaled frequencies differ from the plain ones.
-    from hpc_llama.model import rope_frequencies
+    from hpc_llama.model.llama import rope_frequencies
 
     cfg = open_checkpoint(hf_dirs["llama3"]).config
     plain = rope_frequencies(ModelConfig(**{**cfg.__dict__, "rope_scaling": None}))
@@ -137,12 +138,18 @@ def test_seeded_init_is_the_same_in_every_slice():
     assert not torch.equal(other.layers["0"].attention.wq.weight, whole.layers["0"].attention.wq.weight)
 
 
-def test_model_file_is_pure_torch():
+def test_model_package_is_pure_torch():
+    import glob
+    import os
+
     import hpc_llama.model as m
 
-    src = open(m.__file__).read()
-    for forbidden in ("mpi4py", "deepspeed", "h5py", ".cuda("):
-        assert forbidden not in src
+    files = glob.glob(os.path.join(os.path.dirname(m.__file__), "*.py"))
+    assert {os.path.basename(f) for f in files} >= {"llama.py", "lora.py", "quantized.py"}
+    for path in files:
+        src = open(path).read()
+        for forbidden in ("mpi4py", "deepspeed", "h5py", ".cuda(", "torch.distributed"):
+            assert forbidden not in src, (path, forbidden)
 
 
 @pytest.mark.parametrize("bad, message", [

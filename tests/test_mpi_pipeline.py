@@ -9,6 +9,7 @@ single-process model. Without mpirun these tests are skipped by pytest-mpi
 import os
 
 import pytest
+
 from conftest import make_hf_model
 
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.mpi(min_size=2)
 def world(tmp_path_factory):
     from mpi4py import MPI
 
-    from hpc_llama.runtime import describe_rank, start_distributed
+    from hpc_llama.parallel.ranks import describe_rank, start_distributed
 
     comm = MPI.COMM_WORLD
     info = describe_rank(comm)

@@ -2,9 +2,15 @@
 
 import pytest
 
-from hpc_llama.model import ModelConfig, embedding_params, layer_param_counts
-from hpc_llama.partition import (balanced_sizes, layer_partition, plan_shards, shard_range, stage_and_replica,
-                                 uniform_sizes)
+from hpc_llama.model.llama import ModelConfig, embedding_params, layer_param_counts
+from hpc_llama.parallel.layout import (
+    balanced_sizes,
+    layer_partition,
+    plan_shards,
+    shard_range,
+    stage_and_replica,
+    uniform_sizes,
+)
 
 
 @pytest.mark.parametrize("n, parts, sizes", [
@@ -117,7 +123,7 @@ def test_plan_shards(sizes, cap, plan):
 
 def test_compute_split_counts_the_head_but_not_the_embedding():
     from hpc_llama.config import ParallelConfig, load_sections
-    from hpc_llama.pipeline import stage_plans
+    from hpc_llama.parallel.layout import stage_plans
 
     cfg = load_sections("bench-100m")["model"]  # tied 32K vocabulary: the head is ~5 layers of work
     sizes = {m: [len(p.layers) for p in stage_plans(cfg, ParallelConfig(pp=2, partition=m))]

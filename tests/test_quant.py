@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from hpc_llama.quant import (dequantize_int4_group, dequantize_int8_channel, pack_int4, quantize_int4_group,
-                             quantize_int8_channel, unpack_int4)
+from hpc_llama.model.quantized import (
+    dequantize_int4_group,
+    dequantize_int8_channel,
+    pack_int4,
+    quantize_int4_group,
+    quantize_int8_channel,
+    unpack_int4,
+)
 
 
 def test_pack_int4_round_trips_every_value_in_the_low_then_high_nibble():
@@ -69,7 +75,7 @@ def test_bad_group_sizes(group, needle):
 
 @pytest.mark.parametrize("scheme, group, most", [("int8-channel", 0, 0.27), ("int4-group", 32, 0.18)])
 def test_quantized_linear_is_a_smaller_linear(scheme, group, most):
-    from hpc_llama.quant import QuantizedLinear
+    from hpc_llama.model.quantized import QuantizedLinear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 64, bias=True)
@@ -84,8 +90,8 @@ def test_quantized_linear_is_a_smaller_linear(scheme, group, most):
 
 
 def test_quantized_linears_in_a_model_keep_its_predictions():
-    from hpc_llama.model import ModelConfig, Transformer
-    from hpc_llama.quant import QuantizedLinear
+    from hpc_llama.model.llama import ModelConfig, Transformer
+    from hpc_llama.model.quantized import QuantizedLinear
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32)

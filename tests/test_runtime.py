@@ -3,7 +3,7 @@
 import pytest
 
 from hpc_llama.errors import HpcLlamaError
-from hpc_llama.runtime import _launcher, check_slurm_world, choose_device, describe_rank, local_rank_from_env
+from hpc_llama.parallel.ranks import _launcher, check_slurm_world, choose_device, describe_rank, local_rank_from_env
 
 MPICH = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "PMI_FD": "5"}
 OMPI = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}

@@ -314,9 +314,10 @@ def test_existing_output_and_missing_tokenizer_are_refused(model_dir, hf_dirs, m
 
 
 def test_each_rank_reads_only_its_own_layers(tmp_path):
-    from hpc_llama.checkpoint import open_checkpoint, slice_sources
+    from hpc_llama.checkpoint import open_checkpoint
+    from hpc_llama.checkpoint.slices import slice_sources
     from hpc_llama.config import ParallelConfig
-    from hpc_llama.pipeline import stage_plans
+    from hpc_llama.parallel.layout import stage_plans
 
     model = tmp_path / "m.h5"
     run_cli("init", "--config", "bench-100m", "--set", "model.n_layers=8", "--set", "model.vocab_size=8000",

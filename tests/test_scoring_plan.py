@@ -2,7 +2,7 @@
 
 import pytest
 
-from hpc_llama.scoring import plan_calls, replica_rounds, rolling_windows
+from hpc_llama.score.plan import plan_calls, replica_rounds, rolling_windows
 
 
 def lm_eval_windows(n, max_seq_len, context_len):

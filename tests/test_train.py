@@ -67,8 +67,8 @@ def test_task_data_puts_the_loss_on_the_response(corpus, tmp_path):
     out = tmp_path / "sft"
     hpc(1, "prepare", "--input", tasks, "--output", out, "--task", "--tokenizer", os.path.join(data, "tokenizer.json"),
         "--split", "0.8,0.2,0")
-    from hpc_llama.data import SplitData, load_manifest
     from hpc_llama.tokenizer import Tokenizer
+    from hpc_llama.train.data import SplitData, load_manifest
 
     m = load_manifest(str(out))
     assert m["kind"] == "task"
@@ -161,7 +161,7 @@ def test_validation_loss_falls_with_pipeline_and_data_parallel(corpus, tmp_path)
 
 def test_export_at_another_pipeline_degree_scores_like_the_trained_model(pipeline_run, corpus, tmp_path):
     """The exported .h5, scored on 4 stages, gives the test loss the run measured on its 2 stages in memory."""
-    from hpc_llama.data import SplitData, load_manifest, read_sequence, sequence_count
+    from hpc_llama.train.data import SplitData, load_manifest, read_sequence, sequence_count
 
     data = corpus[1]
     test = SplitData(data, load_manifest(data), "test")

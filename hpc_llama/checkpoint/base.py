@@ -7,7 +7,7 @@ import re
 import torch
 
 from ..errors import HpcLlamaError
-from ..model import ModelConfig
+from ..model.llama import ModelConfig
 from .tensors import DTYPES, TORCH_NAMES, TensorInfo, empty_for
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import HpcLlamaError
-from ..model import ModelConfig
+from ..model.llama import ModelConfig
 from .base import TableReader
 from .hf import hf_config_from_model
 from .tensors import TensorInfo, numpy_view

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import HpcLlamaError
-from ..partition import plan_shards
+from ..parallel.layout import plan_shards
 from .base import CheckpointReader, group_by_unit, unit_order
 from .hf import model_config_from_hf
 from .tensors import DTYPES, TORCH_NAMES, TensorInfo, checksum, empty_for, new_hasher, numpy_view, read_exact

@@ -15,8 +15,8 @@ import struct
 import torch
 
 from ..errors import HpcLlamaError
-from ..model import ModelConfig
-from ..partition import plan_shards
+from ..model.llama import ModelConfig
+from ..parallel.layout import plan_shards
 from .base import CheckpointReader, TableReader, group_by_unit
 from .tensors import TensorInfo, numpy_view, read_exact
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import ModelConfig, Transformer, init_parameter
+from ..model.llama import ModelConfig, Transformer, init_parameter
 from .base import CheckpointReader, unit_order
 from .hf import hf_config_from_model
 from .tensors import DTYPES, TORCH_NAMES, TensorInfo
@@ -119,7 +119,7 @@ class DenseReader(CheckpointReader):
         return TensorInfo(name, tuple(shape), dtype, n * DTYPES[dtype][1].itemsize)
 
     def _dense(self, name, verify):
-        from ..quant import SCHEMES, dequantize
+        from ..model.quantized import SCHEMES, dequantize
 
         i = self.inner.info(name)
         t = self.inner.read(name, verify)

@@ -1,1 +1,3 @@
-"""One module per `hpc-llama` subcommand: `add_arguments(parser)` and `run(args)`."""
+"""The single-module subcommands (convert, inspect, init, check, demo): `add_arguments(parser)` and `run(args)`.
+
+Jobs with modules of their own are packages beside this one: score, generate, compress, train."""

@@ -33,11 +33,13 @@ def run(args) -> int:
 
     import torch
 
-    from ..checkpoint import load_slice, open_checkpoint, slice_sources
+    from ..checkpoint import open_checkpoint
+    from ..checkpoint.slices import load_slice, slice_sources
     from ..config import ParallelConfig
     from ..errors import HpcLlamaError
-    from ..pipeline import build_pipeline, eval_batches, resolve_dtype, stage_plans
-    from ..runtime import start_distributed, start_rank, stop_distributed, world_comm
+    from ..parallel.layout import stage_plans
+    from ..parallel.pipeline import build_pipeline, eval_batches
+    from ..parallel.ranks import resolve_dtype, start_distributed, start_rank, stop_distributed, world_comm
 
     comm = world_comm()
     info = start_rank(comm)

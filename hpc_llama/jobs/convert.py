@@ -49,14 +49,16 @@ def destination_format(dst: str, src_format: str, requested: str | None, shard_s
 def run(args) -> int:
     import torch
 
-    from ..checkpoint import check_structure, open_checkpoint
+    from ..atomic import atomic_path, check_destination
+    from ..checkpoint import open_checkpoint
     from ..checkpoint.h5 import write_checkpoint
     from ..checkpoint.hf import write_hf
+    from ..checkpoint.slices import check_structure
     from ..checkpoint.views import CastReader, DenseReader, uniform_hf
-    from ..quant import SCHEMES
+    from ..config import parse_size
     from ..errors import HpcLlamaError
-    from ..outputs import atomic_path, check_destination, parse_size
-    from ..runtime import world_comm
+    from ..model.quantized import SCHEMES
+    from ..parallel.ranks import world_comm
 
     comm = world_comm()
     if comm is not None and comm.Get_rank() != 0:

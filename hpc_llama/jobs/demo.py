@@ -55,7 +55,7 @@ def run(args) -> int:
 
     from ..embedded import NAME, embedded_path
     from ..errors import HpcLlamaError
-    from ..runtime import world_comm
+    from ..parallel.ranks import world_comm
 
     comm = world_comm()
     if comm is not None and comm.Get_size() > 1:
@@ -193,7 +193,6 @@ def _eval_every(steps: int) -> int:
 def _write_documentation(path: str, count: int = 12, longest: int = 3000) -> str:
     """Real English prose present on every machine: Python's own documentation topics (pydoc_data)."""
     import json
-
     from pydoc_data.topics import topics
 
     chosen = sorted(k for k, v in topics.items() if 500 <= len(v) <= longest)[:count]

@@ -25,11 +25,11 @@ def add_arguments(p):
 def run(args) -> int:
     import torch
 
+    from ..atomic import atomic_path, check_destination
     from ..checkpoint.h5 import write_checkpoint
     from ..checkpoint.views import InitReader
-    from ..config import load_sections
+    from ..config import load_sections, parse_size
     from ..errors import HpcLlamaError
-    from ..outputs import atomic_path, check_destination, parse_size
 
     sections = load_sections(args.config, args.set)
     cfg = sections["model"]

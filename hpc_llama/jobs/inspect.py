@@ -24,10 +24,10 @@ def add_arguments(p):
 def summarize(reader, pp: int | None, partition: str) -> dict:
     from collections import Counter
 
-    from ..checkpoint import slice_sources
     from ..checkpoint.base import group_by_unit, unit_of
+    from ..checkpoint.slices import slice_sources
     from ..config import ParallelConfig
-    from ..pipeline import stage_plans
+    from ..parallel.layout import stage_plans
 
     cfg = reader.config
     units = {}
@@ -98,7 +98,7 @@ def print_table(s: dict) -> None:
     if set(s["schemes"]) != {"none"}:
         print("storage      " + ", ".join(f"{k} x{v}" for k, v in s["schemes"].items()))
     if s.get("compression"):
-        from ..compression import format_layers
+        from ..compress.methods import format_layers
 
         def opt(k, v):
             return f"layers={format_layers(v)}" if k == "layers" else f"{k}={v}"
@@ -132,7 +132,8 @@ def print_table(s: dict) -> None:
 def run(args) -> int:
     import json
 
-    from ..checkpoint import check_structure, open_checkpoint
+    from ..checkpoint import open_checkpoint
+    from ..checkpoint.slices import check_structure
 
     with open_checkpoint(args.checkpoint) as reader:
         check_structure(reader)

@@ -13,9 +13,9 @@ import torch
 
 
 def check_forward(reader, info, pp: int, lengths=(7, 19, 3), micro_batches: int = 3) -> dict:
-    from hpc_llama.checkpoint import load_slice
+    from hpc_llama.checkpoint.slices import load_slice
     from hpc_llama.config import ParallelConfig
-    from hpc_llama.pipeline import build_pipeline, eval_batches
+    from hpc_llama.parallel.pipeline import build_pipeline, eval_batches
 
     engine, plan, replica = build_pipeline(reader, info, ParallelConfig(pp=pp, dtype="fp32"), micro_batch=2)
     own = sorted({int(n.split(".")[3]) for n, _ in engine.module.named_parameters() if ".layers." in n})
@@ -40,7 +40,7 @@ def check_forward(reader, info, pp: int, lengths=(7, 19, 3), micro_batches: int 
 
 def main(argv):
     from hpc_llama.checkpoint import open_checkpoint
-    from hpc_llama.runtime import describe_rank, run_guarded, start_distributed, world_comm
+    from hpc_llama.parallel.ranks import describe_rank, run_guarded, start_distributed, world_comm
 
     def job(args):
         comm = world_comm()

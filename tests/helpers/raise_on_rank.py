@@ -11,7 +11,7 @@ def job(argv):
     import torch
     import torch.distributed as dist
 
-    from hpc_llama.runtime import describe_rank, start_distributed, world_comm
+    from hpc_llama.parallel.ranks import describe_rank, start_distributed, world_comm
 
     comm = world_comm()
     info = describe_rank(comm)
@@ -24,6 +24,6 @@ def job(argv):
 
 
 if __name__ == "__main__":
-    from hpc_llama.runtime import run_guarded
+    from hpc_llama.parallel.ranks import run_guarded
 
     sys.exit(run_guarded(job, sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Compression arithmetic on single weight matrices: pruning, low-rank factors, GPTQ.
 
-Plain torch, no I/O and no distribution: `jobs/compress.py` applies these to
+Plain torch, no I/O and no distribution: `compress/chain.py` applies these to
 each rank's own layers. Everything that calls LAPACK (SVD, Cholesky) runs in
 float64 on one thread -- LAPACK's threaded kernels sum in a different order
 for different thread counts, and the output file must be byte-identical
@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from .quant import check_group, pack_int4
+from ..model.quantized import check_group, pack_int4
 
 
 @contextlib.contextmanager

@@ -17,10 +17,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .compression import (channels_to_keep, check_fraction, ffn_channel_scores, gptq_int4, head_channels,
-                          head_scores, heads_to_keep, magnitude_prune, svd_factors, wanda_prune)
-from .errors import HpcLlamaError
-from .quant import check_group, dequantize, quantize, scheme_attrs
+from ..errors import HpcLlamaError
+from ..model.quantized import check_group, dequantize, quantize, scheme_attrs
+from .methods import (
+    channels_to_keep,
+    check_fraction,
+    ffn_channel_scores,
+    gptq_int4,
+    head_channels,
+    head_scores,
+    heads_to_keep,
+    magnitude_prune,
+    svd_factors,
+    wanda_prune,
+)
 
 METHODS = {
     "int8": "weight-only int8, one scale per output channel",
@@ -275,7 +285,7 @@ def _factorise(name: str, w: torch.Tensor, o: dict, steps: list[Step]):
     if rank is not None and rank % group:
         raise HpcLlamaError(f"group size {group} does not divide --rank {rank} (the second factor's input)")
     if rank is None:
-        from .compression import one_thread, rank_for_energy
+        from .methods import one_thread, rank_for_energy
 
         with one_thread():
             s = torch.linalg.svdvals(w.double())
@@ -321,7 +331,7 @@ def _arrays(entry) -> list[torch.Tensor]:
 
 def send_unit(comm, dest: int, records: dict) -> None:
     """A unit's tensors to rank `dest`: a small header, then each array's raw bytes (no pickled tensors)."""
-    from .checkpoint.tensors import TORCH_NAMES, numpy_view
+    from ..checkpoint.tensors import TORCH_NAMES, numpy_view
 
     header = []
     for name, entry in records.items():
@@ -337,7 +347,7 @@ def send_unit(comm, dest: int, records: dict) -> None:
 
 
 def recv_unit(comm, source: int) -> dict:
-    from .checkpoint.tensors import DTYPES
+    from ..checkpoint.tensors import DTYPES
 
     header = comm.recv(source=source, tag=11)
     out = {}
@@ -386,7 +396,7 @@ def token_windows(files: list[str], tokenizer, bos, vocab_size: int, length: int
 
     A stream shorter than one window gives one shorter window; no text at all is an error.
     """
-    from .inputs import Fields, expand_inputs, read_documents
+    from ..documents import Fields, expand_inputs, read_documents
 
     stream: list[int] = []
     for doc in read_documents(expand_inputs(files), Fields(text_field), vocab_size):
@@ -407,7 +417,7 @@ def token_windows(files: list[str], tokenizer, bos, vocab_size: int, length: int
 
 def run_layer(block, h: torch.Tensor, cfg) -> torch.Tensor:
     """One block over full causal sequences starting at position 0."""
-    from .model import rotary_tables
+    from ..model.llama import rotary_tables
 
     B, T = h.shape[:2]
     positions = torch.arange(T).expand(B, T)

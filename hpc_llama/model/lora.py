@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .model import Linear
+from .llama import Linear
 
 ATTENTION = ("wq", "wk", "wv", "wo")
 MLP = ("w1", "w2", "w3")
@@ -64,7 +64,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets=ATTENTION, seed:
 
 
 def hash_name(seed: int, name: str) -> int:
-    from .model import _stable_hash
+    from .llama import _stable_hash
 
     return (seed * 1_000_003 + _stable_hash(name)) % (1 << 63)
 

@@ -18,7 +18,7 @@ import os
 import numpy as np
 import xxhash
 
-from .errors import HpcLlamaError
+from ..errors import HpcLlamaError
 
 
 def content_key(text: str | None, input_ids) -> str:

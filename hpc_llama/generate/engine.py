@@ -76,7 +76,7 @@ class RingGenerator:
 
     def __init__(self, model, info, pp: int, cfg: GenerationConfig, sampling: SamplingConfig, tokenizer,
                  eos_ids, capacity: int, dtype):
-        from .partition import stage_and_replica
+        from ..parallel.layout import stage_and_replica
 
         self.model, self.info, self.pp, self.cfg, self.sampling = model, info, pp, cfg, sampling
         self.tokenizer, self.eos = tokenizer, set(eos_ids)

@@ -36,7 +36,7 @@ class SamplingConfig:
 
 
 def sequence_generator(seed: int, index: int) -> torch.Generator:
-    from .model import _stable_hash
+    from ..model.llama import _stable_hash
 
     return torch.Generator().manual_seed((seed * 1_000_003 + _stable_hash(str(index))) % (1 << 63))
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from .errors import HpcLlamaError
+from ..errors import HpcLlamaError
 
 FORMAT = "hpc_llama.tokens"
 FORMAT_VERSION = 1

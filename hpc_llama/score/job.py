@@ -50,12 +50,13 @@ def run(args) -> int:
 
     from ..checkpoint import open_checkpoint
     from ..config import ParallelConfig, ScoreConfig, flag_overrides, load_sections
-    from ..inputs import Fields, chunks, expand_inputs, read_documents, scan_inputs
+    from ..documents import Fields, chunks, expand_inputs, read_documents, scan_inputs
+    from ..parallel.ranks import start_distributed, start_rank, stop_distributed, world_comm
     from ..progress import Progress
-    from ..results import SCORE_COLUMNS, Journal, output_format, parse_shard, part_path, record_line
-    from ..runtime import start_distributed, start_rank, stop_distributed, world_comm
-    from ..scorer import Scorer
+    from ..records import Journal, output_format
     from ..tokenizer import Tokenizer
+    from .records import SCORE_COLUMNS, parse_shard, part_path, record_line
+    from .scorer import Scorer
 
     t_start = time.time()
     overrides = flag_overrides(args, _FLAGS)
@@ -136,8 +137,8 @@ def _shard_block(files, fields, reader, cfg, shard) -> range:
     every document is scored in the same batch as in one job, and the merged
     parts are the same bytes.
     """
-    from ..inputs import chunks, read_documents
-    from ..partition import shard_range
+    from ..documents import chunks, read_documents
+    from ..parallel.layout import shard_range
 
     starts, n = [], 0
     for step in chunks(read_documents(files, fields, reader.config.vocab_size), cfg.chunk_docs, cfg.chunk_chars):
@@ -152,10 +153,10 @@ def _select_new(args, out, shard, files, fields, reader, info, comm, cfg):
     """Rank 0 writes OUT.inputs.jsonl, the documents not in the ledger; None when this period is done already."""
     import os
 
+    from ..documents import InputFile, read_documents
     from ..errors import HpcLlamaError
-    from ..inputs import InputFile, read_documents
-    from ..ledger import Ledger
     from ..progress import Progress
+    from .ledger import Ledger
 
     if shard:
         raise HpcLlamaError("--ledger and --shard do not go together")
@@ -187,8 +188,8 @@ def _select_new(args, out, shard, files, fields, reader, info, comm, cfg):
 def _record_selection(ledger_path, out, fields, reader) -> int:
     import os
 
-    from ..inputs import InputFile, read_documents
-    from ..ledger import Ledger
+    from ..documents import InputFile, read_documents
+    from .ledger import Ledger
 
     selection = out + ".inputs.jsonl"
     if not os.path.exists(selection):
@@ -201,7 +202,7 @@ def _write_summary(args, out, journal, files, parallel, info, scorer, wall, prog
     import math
     import os
 
-    from ..outputs import write_json_atomic
+    from ..atomic import write_json_atomic
 
     stats = journal.state["stats"]
     tokens = stats.get("tokens", 0)

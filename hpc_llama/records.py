@@ -12,7 +12,6 @@ so `OUT` only ever appears complete.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 from .errors import HpcLlamaError
@@ -27,30 +26,6 @@ def output_format(path: str, requested: str | None = None) -> str:
         if path.endswith(suffix):
             return fmt
     raise HpcLlamaError(f"{path}: cannot tell the output format from its name (.jsonl, .parquet, .h5) -- use --format")
-
-
-def record_line(index: int, doc_id, n_tokens: int, loglik: float, token_logprobs=None) -> str:
-    rec = {"index": index, "id": doc_id, "n_tokens": n_tokens, "loglik": loglik,
-           "ppl": math.exp(-loglik / n_tokens) if n_tokens else None}
-    if token_logprobs is not None:
-        rec["token_logprobs"] = [float(x) for x in token_logprobs]
-    return json.dumps(rec, ensure_ascii=False) + "\n"
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """`I/N` (0 <= I < N) -> (I, N)."""
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise HpcLlamaError(f"--shard {text!r}: expected I/N, e.g. 3/8") from None
-    if not 0 <= i < n:
-        raise HpcLlamaError(f"--shard {text}: needs 0 <= I < N")
-    return i, n
-
-
-def part_path(out: str, index: int, count: int) -> str:
-    """Where shard `index` of `count` writes its part of OUT: always JSON lines, merged by `hpc-llama merge`."""
-    return f"{out}.part-{index:05d}-of-{count:05d}.jsonl"
 
 
 class Journal:
@@ -130,11 +105,6 @@ class Journal:
                 raise
             os.remove(self.partial)
         os.remove(self.path)
-
-
-SCORE_COLUMNS = {"index": "int", "id": "id", "n_tokens": "int", "loglik": "float", "ppl": "float"}
-GENERATE_COLUMNS = {"index": "int", "id": "id", "completion": "str", "tokens": "int_list", "n_prompt_tokens": "int",
-                    "n_new_tokens": "int", "finish_reason": "str"}
 
 
 def _records(partial: str, batch: int = 65536):

@@ -132,3 +132,25 @@ def plan_shards(unit_bytes: list[int], cap: int | None) -> list[list[int]]:
     if current:
         shards.append(current)
     return shards
+
+
+def stage_plans(cfg, parallel) -> list[StagePlan]:
+    """Every stage's share of the model.
+
+    uniform: the same number of layers; balanced: the same number of
+    parameters, embedding and head counted (memory); compute: the same
+    forward work per token -- a layer's matmuls and the head's, while the
+    embedding, a table lookup, costs nothing.
+    """
+    from ..errors import HpcLlamaError
+    from ..model.llama import embedding_params, layer_param_counts
+
+    head = embedding_params(cfg) + cfg.dim
+    try:
+        if parallel.partition == "compute":
+            return layer_partition(cfg.n_layers, parallel.pp, "balanced", layer_param_counts(cfg),
+                                   embed_cost=0, head_cost=head)
+        return layer_partition(cfg.n_layers, parallel.pp, parallel.partition, layer_param_counts(cfg),
+                               embed_cost=embedding_params(cfg), head_cost=head)
+    except ValueError as e:
+        raise HpcLlamaError(str(e)) from None

@@ -40,6 +40,9 @@ def add_arguments(p):
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
 
 
+GENERATE_COLUMNS = {"index": "int", "id": "id", "completion": "str", "tokens": "int_list", "n_prompt_tokens": "int",
+                    "n_new_tokens": "int", "finish_reason": "str"}
+
 _FLAGS = {"pp": "parallel.pp", "dtype": "parallel.dtype", "max_new_tokens": "generate.max_new_tokens",
           "temperature": "generate.temperature", "top_k": "generate.top_k", "top_p": "generate.top_p",
           "seed": "generate.seed", "stop": "generate.stops", "batch_size": "generate.batch_size",
@@ -52,12 +55,13 @@ def run(args) -> int:
 
     from ..checkpoint import open_checkpoint
     from ..config import GenerateConfig, ParallelConfig, flag_overrides, load_sections
+    from ..documents import Fields, chunks, expand_inputs, read_documents
     from ..errors import HpcLlamaError
-    from ..inputs import Fields, chunks, expand_inputs, read_documents
+    from ..parallel.ranks import start_distributed, start_rank, stop_distributed, world_comm
     from ..progress import Progress
-    from ..results import GENERATE_COLUMNS, Journal, output_format
-    from ..runtime import start_distributed, start_rank, stop_distributed, world_comm
+    from ..records import Journal, output_format
     from ..tokenizer import ChatTokenizer, Tokenizer
+    from .job import GENERATE_COLUMNS
 
     t_start = time.time()
     overrides = flag_overrides(args, _FLAGS)
@@ -126,8 +130,8 @@ def run(args) -> int:
 
 def _scan(files, fields, reader, tokenizer, bos, context):
     """Validate every prompt (JSON, fields, vocabulary, length) on rank 0; returns the longest in tokens."""
+    from ..documents import read_documents, scan_inputs
     from ..errors import HpcLlamaError
-    from ..inputs import read_documents, scan_inputs
 
     files, with_text = scan_inputs(files, fields, reader.config.vocab_size, tokenizer is not None)
     longest = 0
@@ -143,11 +147,11 @@ def _scan(files, fields, reader, tokenizer, bos, context):
 
 
 def _engine(reader, tokenizer, info, parallel, cfg, capacity):
-    from ..checkpoint import load_slice
-    from ..generation import GenerationConfig, RingGenerator
-    from ..partition import stage_and_replica
-    from ..pipeline import resolve_dtype, stage_plans
-    from ..sampling import SamplingConfig
+    from ..checkpoint.slices import load_slice
+    from ..parallel.layout import stage_and_replica, stage_plans
+    from ..parallel.ranks import resolve_dtype
+    from .engine import GenerationConfig, RingGenerator
+    from .sampling import SamplingConfig
 
     stage, _ = stage_and_replica(info.rank, info.world_size, parallel.pp)
     plan = stage_plans(reader.config, parallel)[stage]
@@ -162,8 +166,8 @@ def _generate_step(step, engine, tokenizer, bos, info, comm, pp) -> list[str]:
     """Generate a step's prompts; rank 0 gets the records as JSON lines, in input order."""
     import json
 
-    from ..generation import Prompt
     from ..tokenizer import tokenize_documents
+    from .engine import Prompt
 
     seqs = tokenize_documents(step, tokenizer, bos, comm, info.rank, info.world_size)
     dp = info.world_size // pp
@@ -185,7 +189,7 @@ def _generate_step(step, engine, tokenizer, bos, info, comm, pp) -> list[str]:
 def _summary(args, journal, files, parallel, info, engine, stats, busy, wall, progress) -> None:
     import os
 
-    from ..outputs import write_json_atomic
+    from ..atomic import write_json_atomic
     from ..progress import Progress
 
     per_rank = [{"rank": r, "stage": s, "replica": d, "busy_s": round(b, 3), "utilisation": round(b / wall, 3)}

@@ -26,7 +26,7 @@ def find_parts(out: str, expected: int | None) -> list[str]:
     import re
 
     from ..errors import HpcLlamaError
-    from ..results import part_path
+    from .records import part_path
 
     found = {}
     for p in glob.glob(glob.escape(out) + ".part-*-of-*.jsonl"):
@@ -54,10 +54,11 @@ def run(args) -> int:
     import os
     import shutil
 
+    from ..atomic import write_json_atomic
     from ..errors import HpcLlamaError
-    from ..outputs import write_json_atomic
-    from ..results import SCORE_COLUMNS, Journal, output_format
-    from ..runtime import world_comm
+    from ..parallel.ranks import world_comm
+    from ..records import Journal, output_format
+    from .records import SCORE_COLUMNS
 
     comm = world_comm()
     if comm is not None and comm.Get_size() > 1:

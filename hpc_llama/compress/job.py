@@ -25,7 +25,7 @@ from __future__ import annotations
 
 
 def add_arguments(p):
-    from ..compressor import PROJECTIONS
+    from .chain import PROJECTIONS
 
     p.add_argument("--model", required=True, help="checkpoint to compress (.h5, sharded, HF, GGUF or smollm2-135m)")
     p.add_argument("--output", required=True, help="compressed checkpoint, one .h5 file")
@@ -65,19 +65,31 @@ def run(args) -> int:
 
     import torch
 
-    from ..checkpoint import check_structure, load_slice, open_checkpoint
+    from ..atomic import atomic_path, check_destination
+    from ..checkpoint import open_checkpoint
     from ..checkpoint.base import unit_of
     from ..checkpoint.h5 import FORMAT_VERSION, H5Writer
     from ..checkpoint.hf import model_config_from_hf
-    from ..compression import parse_layers
-    from ..compressor import (PROJECTIONS, Packed, calibrate, compress_layer, compress_outer, plan_steps,
-                              recv_unit, restrict, send_unit, token_windows, unit_tensors)
+    from ..checkpoint.slices import check_structure, load_slice
     from ..config import ParallelConfig
     from ..errors import HpcLlamaError
-    from ..outputs import atomic_path, check_destination
-    from ..pipeline import stage_plans
-    from ..runtime import start_rank, world_comm
+    from ..parallel.layout import stage_plans
+    from ..parallel.ranks import start_rank, world_comm
     from ..tokenizer import Tokenizer
+    from .chain import (
+        PROJECTIONS,
+        Packed,
+        calibrate,
+        compress_layer,
+        compress_outer,
+        plan_steps,
+        recv_unit,
+        restrict,
+        send_unit,
+        token_windows,
+        unit_tensors,
+    )
+    from .methods import parse_layers
 
     t_start = time.time()
     comm = world_comm()
@@ -212,7 +224,7 @@ def run(args) -> int:
         if rank == 0:
             summary["eval"] = report
     if rank == 0:
-        from ..outputs import write_json_atomic
+        from ..atomic import write_json_atomic
 
         summary["seconds"] = round(time.time() - t_start, 3)
         write_json_atomic(os.path.abspath(args.output) + ".summary.json", summary)
@@ -243,8 +255,9 @@ def _evaluate(comm, rank, world, plan, reader, output, tokens) -> dict | None:
 
     import torch
 
-    from ..checkpoint import load_slice, open_checkpoint
-    from ..compressor import evaluate, resident_bytes
+    from ..checkpoint import open_checkpoint
+    from ..checkpoint.slices import load_slice
+    from .chain import evaluate, resident_bytes
 
     with open_checkpoint(output) as compressed:
         models = {"original": load_slice(reader, plan.layers, plan.embed, plan.head, "cpu", torch.float32),

@@ -4,26 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 
 from .errors import HpcLlamaError
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'500MB', '2GiB', '1000' -> bytes."""
-    m = _SIZE.match(text)
-    unit = (m.group(2) or "").lower() if m else None
-    if not m or unit not in _UNITS:
-        raise HpcLlamaError(f"size {text!r} is not a number of bytes like 500MB or 2GiB")
-    size = int(float(m.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise HpcLlamaError(f"size {text!r} must be positive")
-    return size
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -1,6 +1,6 @@
 """Wrap this rank's model slice in DeepSpeed's pipeline engine.
 
-The split is ours (`partition.layer_partition`), so DeepSpeed is handed one
+The split is ours (`parallel.layout.layer_partition`), so DeepSpeed is handed one
 "layer" per stage -- the stage's whole slice, already loaded from the
 checkpoint on this rank -- and partitions them uniformly, one per stage.
 Other stages' entries are inert placeholders that are never built here.
@@ -14,43 +14,12 @@ import io
 import torch
 from torch import nn
 
-from .checkpoint import load_slice
-from .checkpoint.base import CheckpointReader
-from .config import ParallelConfig
-from .errors import HpcLlamaError
-from .model import ModelConfig, Transformer, embedding_params, layer_param_counts
-from .partition import StagePlan, layer_partition, stage_and_replica
-from .runtime import RankInfo
-
-
-def stage_plans(cfg: ModelConfig, parallel: ParallelConfig) -> list[StagePlan]:
-    """Every stage's share of the model.
-
-    uniform: the same number of layers; balanced: the same number of
-    parameters, embedding and head counted (memory); compute: the same
-    forward work per token -- a layer's matmuls and the head's, while the
-    embedding, a table lookup, costs nothing.
-    """
-    head = embedding_params(cfg) + cfg.dim
-    try:
-        if parallel.partition == "compute":
-            return layer_partition(cfg.n_layers, parallel.pp, "balanced", layer_param_counts(cfg),
-                                   embed_cost=0, head_cost=head)
-        return layer_partition(cfg.n_layers, parallel.pp, parallel.partition, layer_param_counts(cfg),
-                               embed_cost=embedding_params(cfg), head_cost=head)
-    except ValueError as e:
-        raise HpcLlamaError(str(e)) from None
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """fp32 / bf16, or auto: bf16 on a GPU that supports it, fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+from ..checkpoint.base import CheckpointReader
+from ..checkpoint.slices import load_slice
+from ..config import ParallelConfig
+from ..model.llama import Transformer
+from .layout import stage_and_replica, stage_plans
+from .ranks import RankInfo, resolve_dtype
 
 
 class PipeStage(nn.Module):

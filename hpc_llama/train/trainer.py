@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import HpcLlamaError
-from .model import Transformer
+from ..errors import HpcLlamaError
+from ..model.llama import Transformer
 
 # DeepSpeed broadcasts tied weights (which require grad) at start-up; torch
 # warns about the missing autograd kernel although no gradient flows there.
@@ -92,10 +92,10 @@ class Trainer:
     def __init__(self, reader, info, comm, parallel, tcfg, dtype: torch.dtype, zero: int):
         import deepspeed
 
-        from .checkpoint import load_slice
-        from .lora import add_lora
-        from .partition import stage_and_replica
-        from .pipeline import PipeStage, stage_plans
+        from ..checkpoint.slices import load_slice
+        from ..model.lora import add_lora
+        from ..parallel.layout import stage_and_replica, stage_plans
+        from ..parallel.pipeline import PipeStage
 
         self.info, self.comm, self.tcfg, self.dtype, self.zero = info, comm, tcfg, dtype, zero
         self.cfg = reader.config
@@ -104,7 +104,7 @@ class Trainer:
         self.stage, self.replica = stage_and_replica(info.rank, info.world_size, parallel.pp)
         self.plan = stage_plans(self.cfg, parallel)[self.stage]
         p = self.plan
-        from .quant import SCHEMES
+        from ..model.quantized import SCHEMES
 
         packed = next((n for n in reader.names() if reader.info(n).scheme in SCHEMES), None)
         if packed is not None:
@@ -249,7 +249,7 @@ class Trainer:
         by the first stage. Under ZeRO-3 each module's parameters are gathered
         around its turn, which every rank must take part in.
         """
-        from .lora import LoRALinear
+        from ..model.lora import LoRALinear
 
         zero3 = self.zero == 3 and self.pp == 1
         skip_head = self.cfg.tie_embeddings and self.model.tok_embeddings is None
@@ -283,7 +283,7 @@ def stream_export(trainer: Trainer, writer, merged: bool) -> None:
     small pickled send, the bytes with Send on a numpy buffer, a None name to
     end). With ZeRO-3 every rank takes part in gathering each module in turn.
     """
-    from .checkpoint.tensors import numpy_view
+    from ..checkpoint.tensors import numpy_view
 
     comm, info = trainer.comm, trainer.info
     zero3 = trainer.zero == 3 and trainer.pp == 1

@@ -43,13 +43,19 @@ def run(args) -> int:
     import time
 
     from ..config import ParallelConfig, TrainConfig, flag_overrides, load_sections
-    from ..data import SplitData, counted_targets, load_manifest, make_batches, replica_micro_batches, \
-        sequence_count, step_sequences
-    from ..metrics import MetricsWriter
-    from ..pipeline import resolve_dtype
+    from ..parallel.ranks import resolve_dtype, start_distributed, start_rank, stop_distributed, world_comm
     from ..progress import Progress
-    from ..runtime import start_distributed, start_rank, stop_distributed, world_comm
-    from ..training import Trainer
+    from .data import (
+        SplitData,
+        counted_targets,
+        load_manifest,
+        make_batches,
+        replica_micro_batches,
+        sequence_count,
+        step_sequences,
+    )
+    from .metrics import MetricsWriter
+    from .trainer import Trainer
 
     overrides = flag_overrides(args, _FLAGS)
     sections = load_sections(args.config, overrides + args.set)
@@ -129,8 +135,8 @@ def run(args) -> int:
 
 def _verify_shards(data_dir, manifest, info, comm):
     """Every token shard against its checksums before anything starts, shards shared out over the ranks."""
-    from ..data import SplitData
     from ..errors import HpcLlamaError
+    from .data import SplitData
 
     problem = None
     for split in ("train", "val", "test"):
@@ -212,7 +218,7 @@ def _model_source(args, model_cfg, tcfg, manifest):
 
 def _layout(info, parallel, tcfg, cfg, resolve_dtype):
     from ..errors import HpcLlamaError
-    from ..partition import check_layout
+    from ..parallel.layout import check_layout
 
     try:
         check_layout(info.world_size, parallel.pp, cfg.n_layers)
@@ -270,7 +276,7 @@ def _evaluate(trainer, data, tcfg, dp, all_sequences=False):
     """Mean loss over the split's first eval_sequences (or all) sequences; None for an empty split."""
     import numpy as np
 
-    from ..data import counted_targets, make_batches, replica_micro_batches, sequence_count
+    from .data import counted_targets, make_batches, replica_micro_batches, sequence_count
 
     n = sequence_count(data, tcfg.seq_len)
     if all_sequences or not tcfg.eval_sequences:
@@ -296,7 +302,7 @@ def _export(trainer, reader, run_dir, tcfg, info):
     import os
 
     from ..checkpoint.h5 import H5Writer
-    from ..training import stream_export
+    from .trainer import stream_export
 
     merged = tcfg.export == "merged" or not tcfg.lora_rank
     name = "final.h5" if merged else "adapters.h5"
@@ -320,7 +326,7 @@ def _finish(run_dir, metrics, manifest, test_loss, tcfg, test_data, trainable):
     import math
     import os
 
-    from ..data import sequence_count
+    from .data import sequence_count
 
     rows = metrics.rows()
     with open(os.path.join(run_dir, "test.json"), "w") as f:

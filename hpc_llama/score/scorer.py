@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import ParallelConfig, ScoreConfig
-from .errors import HpcLlamaError
-from .mpi_utils import gather_array
-from .partition import stage_and_replica
-from .procstats import peak_rss
-from .scoring import Window, call_tensors, dummy_call, plan_calls, replica_rounds, rolling_windows, score_head
-from .tokenizer import tokenize_documents
+from ..config import ParallelConfig, ScoreConfig
+from ..errors import HpcLlamaError
+from ..parallel.collectives import gather_array
+from ..parallel.layout import stage_and_replica
+from ..procstats import peak_rss
+from ..tokenizer import tokenize_documents
+from .plan import Window, call_tensors, dummy_call, plan_calls, replica_rounds, rolling_windows, score_head
 
 
 @dataclass
@@ -38,7 +38,9 @@ class Scorer:
     """This rank's part of a scoring job: a local model (one stage) or a DeepSpeed pipeline stage."""
 
     def __init__(self, reader, tokenizer, info, comm, parallel: ParallelConfig, cfg: ScoreConfig):
-        from .pipeline import build_pipeline, resolve_dtype, stage_plans
+        from ..parallel.layout import stage_plans
+        from ..parallel.pipeline import build_pipeline
+        from ..parallel.ranks import resolve_dtype
 
         self.reader, self.tokenizer, self.info, self.comm, self.cfg = reader, tokenizer, info, comm, cfg
         mcfg = reader.config
@@ -57,7 +59,7 @@ class Scorer:
         load: dict = {}
         if parallel.pp == 1:
             # One stage holds the whole model: no pipeline engine, no torch.distributed.
-            from .checkpoint import load_slice
+            from ..checkpoint.slices import load_slice
 
             model = load_slice(reader, device=info.device, dtype=self.dtype, stats=load)
             self.engine, self.model, self.last = None, model, True
@@ -81,7 +83,7 @@ class Scorer:
         if self.engine is None:
             with torch.inference_mode():
                 return [score_head(self.model, self.model.trunk(b[0], b[1]), b) for b in batches]
-        from .pipeline import eval_batches
+        from ..parallel.pipeline import eval_batches
 
         return eval_batches(self.engine, batches)
 

@@ -37,12 +37,12 @@ def run(args) -> int:
 
     import numpy as np
 
-    from ..data import FORMAT, FORMAT_VERSION, parse_split, unigram_entropy, write_shard
+    from ..atomic import check_destination
+    from ..documents import Fields, expand_inputs, read_documents, scan_inputs
     from ..errors import HpcLlamaError
-    from ..inputs import Fields, expand_inputs, read_documents, scan_inputs
-    from ..outputs import check_destination
-    from ..runtime import start_rank, world_comm
+    from ..parallel.ranks import start_rank, world_comm
     from ..tokenizer import Tokenizer
+    from .data import FORMAT, FORMAT_VERSION, parse_split, unigram_entropy, write_shard
 
     comm = world_comm()
     info = start_rank(comm)
@@ -135,7 +135,7 @@ def _special(tok, which: str) -> int | None:
 def _tokenize_chunk(chunk, tok, bos, eos, seed, fractions, task):
     import numpy as np
 
-    from ..data import split_of
+    from .data import split_of
 
     parts = {"train": [], "val": [], "test": []}
     texts = tok.encode_batch([d.text for d in chunk])
@@ -184,8 +184,8 @@ def train_bpe(files, fields, fractions, seed, vocab_size, task, skip_bad) -> str
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from ..data import split_of
-    from ..inputs import read_documents
+    from ..documents import read_documents
+    from .data import split_of
 
     def train_texts():
         for d in read_documents(files, fields, on_error=(lambda e: None) if skip_bad else None):

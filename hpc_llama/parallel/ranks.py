@@ -18,7 +18,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from .errors import HpcLlamaError
+from ..errors import HpcLlamaError
 
 # Launcher variables that carry the node-local rank, most specific first.
 # SLURM_LOCALID is trusted only when srun started the task (see _launcher).
@@ -258,3 +258,16 @@ def run_guarded(main, argv=None, comm=None) -> int:
         time.sleep(0.5)
         comm.Abort(code)
     return code
+
+
+def resolve_dtype(name: str, device: str) :
+    """fp32 / bf16, or auto: bf16 on a GPU that supports it, fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
+    import torch
+
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32

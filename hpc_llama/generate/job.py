@@ -13,17 +13,19 @@ resumably like `score`, plus OUT.summary.json with stage utilisation.
 
 from __future__ import annotations
 
+import json
+import os
+
+from ..errors import HpcLlamaError
+
 
 def add_arguments(p):
-    p.add_argument("--model", required=True,
-                   help="checkpoint: .h5, sharded directory, HF directory, GGUF file, or smollm2-135m")
-    p.add_argument("--input", required=True, nargs="+", help="JSONL prompts, text files (a prompt per line), or globs")
-    p.add_argument("--output", required=True, help="OUT.jsonl or OUT.parquet")
-    p.add_argument("--format", choices=("jsonl", "parquet"), help="output format (default: from the name)")
-    p.add_argument("--config", help="YAML preset with generate/parallel sections")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    p.add_argument("--pp", type=int, help="pipeline stages (default 1)")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), help="compute dtype (default auto)")
+    from ..batchjob import add_closing_arguments, add_common_arguments
+
+    add_common_arguments(p, model_help="checkpoint: .h5, sharded directory, HF directory, GGUF file, or smollm2-135m",
+                         input_help="JSONL prompts, text files (a prompt per line), or globs",
+                         output_help="OUT.jsonl or OUT.parquet", formats=("jsonl", "parquet"),
+                         sections="generate/parallel")
     p.add_argument("--max-new-tokens", type=int, help="most new tokens per prompt (default 128)")
     p.add_argument("--temperature", type=float, help="0 = greedy (default); otherwise sample")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
@@ -36,102 +38,61 @@ def add_arguments(p):
     p.add_argument("--no-bos", action="store_true", help="do not put BOS before text prompts")
     p.add_argument("--chat", action="store_true",
                    help="put each text prompt in the checkpoint's chat template as a user turn")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    add_closing_arguments(p)
 
 
 GENERATE_COLUMNS = {"index": "int", "id": "id", "completion": "str", "tokens": "int_list", "n_prompt_tokens": "int",
                     "n_new_tokens": "int", "finish_reason": "str"}
 
-_FLAGS = {"pp": "parallel.pp", "dtype": "parallel.dtype", "max_new_tokens": "generate.max_new_tokens",
-          "temperature": "generate.temperature", "top_k": "generate.top_k", "top_p": "generate.top_p",
-          "seed": "generate.seed", "stop": "generate.stops", "batch_size": "generate.batch_size",
-          "groups": "generate.groups", "context": "generate.context"}
+_FLAGS = {"max_new_tokens": "generate.max_new_tokens", "temperature": "generate.temperature",
+          "top_k": "generate.top_k", "top_p": "generate.top_p", "seed": "generate.seed", "stop": "generate.stops",
+          "batch_size": "generate.batch_size", "groups": "generate.groups", "context": "generate.context"}
 
 
 def run(args) -> int:
-    import json
-    import time
+    from ..batchjob import BatchJob
+    from ..documents import Fields, chunks, read_documents
+    from ..tokenizer import ChatTokenizer
 
-    from ..checkpoint import open_checkpoint
-    from ..config import GenerateConfig, ParallelConfig, flag_overrides, load_sections
-    from ..documents import Fields, chunks, expand_inputs, read_documents
-    from ..errors import HpcLlamaError
-    from ..parallel.ranks import start_distributed, start_rank, stop_distributed, world_comm
-    from ..progress import Progress
-    from ..records import Journal, output_format
-    from ..tokenizer import ChatTokenizer, Tokenizer
-    from .job import GENERATE_COLUMNS
-
-    t_start = time.time()
-    overrides = flag_overrides(args, _FLAGS)
-    overrides += ["generate.add_bos=false"] * args.no_bos + ["generate.chat=true"] * args.chat
-    sections = load_sections(args.config, overrides + args.set)
-    parallel, cfg = sections["parallel"] or ParallelConfig(), sections["generate"] or GenerateConfig()
-    comm = world_comm()
-    info = start_rank(comm)
-    fmt = output_format(args.output, args.format)
-    if fmt == "hdf5":
-        raise HpcLlamaError("generate writes .jsonl or .parquet")
-    reader = open_checkpoint(args.model)
-    tokenizer = Tokenizer.from_checkpoint(reader)
+    job = BatchJob(args, "generate", _FLAGS,
+                   ["generate.add_bos=false"] * args.no_bos + ["generate.chat=true"] * args.chat,
+                   formats=("jsonl", "parquet"))
+    cfg, reader, info = job.cfg, job.reader, job.info
     if cfg.chat:
-        if tokenizer is None:
+        if job.tokenizer is None:
             raise HpcLlamaError("--chat needs the checkpoint's tokenizer, and it has none")
-        tokenizer = ChatTokenizer.from_checkpoint(reader, tokenizer)
+        job.tokenizer = ChatTokenizer.from_checkpoint(reader, job.tokenizer)
     fields = Fields(cfg.prompt_field, cfg.id_field, text_lines=True)
-    files = expand_inputs(args.input)
-    if info.world_size % parallel.pp:
-        raise HpcLlamaError(f"{info.world_size} ranks cannot be split into {parallel.pp} pipeline stages")
     context = cfg.context or reader.config.max_seq_len
     if context > reader.config.max_seq_len:
         raise HpcLlamaError(f"context {context} exceeds the model's {reader.config.max_seq_len} tokens")
     bos = reader.config.bos_id if cfg.add_bos and not cfg.chat else None
-    journal, state = None, None
-    if info.rank == 0:  # every prompt checked before any rank starts or anything is written
-        files, longest = _scan(files, fields, reader, tokenizer, bos, context)
-        fingerprint = {"model": reader.fingerprint(), "inputs": [[f.path, f.size, f.xxh3] for f in files],
-                       "options": {"generate": cfg.__dict__, "dtype": parallel.dtype, "format": fmt}}
-        journal = Journal(args.output, fingerprint, args.overwrite)
-        state = (files, longest, journal.documents_done)
-    files, longest, start = comm.bcast(state) if comm is not None else state
+    longest = job.validate(lambda files: _scan(files, fields, reader, job.tokenizer, bos, context),
+                           {"generate": cfg.__dict__, "dtype": job.parallel.dtype, "format": job.fmt})
     capacity = min(context, longest + cfg.max_new_tokens)
-    if parallel.pp > 1:
-        start_distributed(info, comm, parallel.timeout_s)
-    try:
-        engine = _engine(reader, tokenizer, info, parallel, cfg, capacity)
-        progress = Progress(info, sum(f.documents for f in files), start, quiet=args.quiet, unit="prompt")
-        if start:
-            progress.log(f"resuming after {start} prompts")
+    with job.running(sum(f.documents for f in job.files), "prompt"):
+        engine = _engine(job, capacity)
         stats = {"new_tokens": 0, "reasons": {}}
-        docs = read_documents(files, fields, reader.config.vocab_size, start)
+        docs = read_documents(job.files, fields, reader.config.vocab_size, job.start)
         for step in chunks(docs, cfg.chunk_docs, 1 << 62):
-            lines = _generate_step(step, engine, tokenizer, bos, info, comm, parallel.pp)
+            records = _generate_step(step, engine, job, bos)
             if info.rank == 0:
-                journal.commit(lines, {})
-                for line in lines:
-                    rec = json.loads(line)
-                    stats["new_tokens"] += rec["n_new_tokens"]
-                    stats["reasons"][rec["finish_reason"]] = stats["reasons"].get(rec["finish_reason"], 0) + 1
-                progress.update(len(step), sum(json.loads(x)["n_new_tokens"] for x in lines))
-        busy = comm.gather((info.rank, engine.stage, engine.replica, engine.busy_s), root=0) if comm is not None \
-            else [(0, 0, 0, engine.busy_s)]
+                new = sum(r["n_new_tokens"] for r in records)
+                stats["new_tokens"] += new
+                for r in records:
+                    stats["reasons"][r["finish_reason"]] = stats["reasons"].get(r["finish_reason"], 0) + 1
+                job.commit([json.dumps(r, ensure_ascii=False) + "\n" for r in records], {}, new)
+        busy = job.gather((info.rank, engine.stage, engine.replica, engine.busy_s))
         if info.rank == 0:
-            journal.finish(fmt, GENERATE_COLUMNS)
-            _summary(args, journal, files, parallel, info, engine, stats, busy, time.time() - t_start, progress)
-        progress.close()
-        if comm is not None:
-            comm.Barrier()
-    finally:
-        reader.close()
-        stop_distributed()
+            summary = _summary(job, engine, stats, busy)
+            job.finish(GENERATE_COLUMNS, summary, f"generated {stats['new_tokens']} tokens for "
+                       f"{job.journal.documents_done} prompts ({summary['new_tokens_per_s']} tokens/s); wrote {job.out}")
     return 0
 
 
 def _scan(files, fields, reader, tokenizer, bos, context):
     """Validate every prompt (JSON, fields, vocabulary, length) on rank 0; returns the longest in tokens."""
     from ..documents import read_documents, scan_inputs
-    from ..errors import HpcLlamaError
 
     files, with_text = scan_inputs(files, fields, reader.config.vocab_size, tokenizer is not None)
     longest = 0
@@ -146,65 +107,51 @@ def _scan(files, fields, reader, tokenizer, bos, context):
     return files, longest
 
 
-def _engine(reader, tokenizer, info, parallel, cfg, capacity):
+def _engine(job, capacity):
     from ..checkpoint.slices import load_slice
     from ..parallel.layout import stage_and_replica, stage_plans
     from ..parallel.ranks import resolve_dtype
     from .engine import GenerationConfig, RingGenerator
     from .sampling import SamplingConfig
 
+    info, parallel, cfg, reader = job.info, job.parallel, job.cfg, job.reader
     stage, _ = stage_and_replica(info.rank, info.world_size, parallel.pp)
     plan = stage_plans(reader.config, parallel)[stage]
     dtype = resolve_dtype(parallel.dtype, info.device)
     model = load_slice(reader, plan.layers, plan.embed, plan.head, info.device, dtype)
     gcfg = GenerationConfig(cfg.max_new_tokens, tuple(cfg.stops), cfg.batch_size, cfg.groups)
     sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
-    return RingGenerator(model, info, parallel.pp, gcfg, sampling, tokenizer, reader.config.eos_ids, capacity, dtype)
+    return RingGenerator(model, info, parallel.pp, gcfg, sampling, job.tokenizer, reader.config.eos_ids, capacity,
+                         dtype)
 
 
-def _generate_step(step, engine, tokenizer, bos, info, comm, pp) -> list[str]:
-    """Generate a step's prompts; rank 0 gets the records as JSON lines, in input order."""
-    import json
-
+def _generate_step(step, engine, job, bos) -> list[dict]:
+    """Generate a step's prompts; rank 0 gets the records, in input order."""
     from ..tokenizer import tokenize_documents
     from .engine import Prompt
 
-    seqs = tokenize_documents(step, tokenizer, bos, comm, info.rank, info.world_size)
-    dp = info.world_size // pp
+    info = job.info
+    seqs = tokenize_documents(step, job.tokenizer, bos, job.comm, info.rank, info.world_size)
     mine = [Prompt(d.index, d.id, tuple(int(t) for t in s)) for j, (d, s) in enumerate(zip(step, seqs))
-            if j % dp == engine.replica]
-    records = engine.run(mine)
-    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
-    gathered = comm.gather(lines, root=0) if comm is not None else [lines]
+            if j % job.dp == engine.replica]
+    gathered = job.gather(engine.run(mine))
     if info.rank != 0:
         return []
-    out = sorted((json.loads(x)["index"], x) for part in gathered for x in part)
+    out = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
     if len(out) != len(step):
-        from ..errors import HpcLlamaError
-
         raise HpcLlamaError(f"internal: {len(out)} completions for {len(step)} prompts")
-    return [x for _, x in out]
+    return out
 
 
-def _summary(args, journal, files, parallel, info, engine, stats, busy, wall, progress) -> None:
-    import os
-
-    from ..atomic import write_json_atomic
-    from ..progress import Progress
-
+def _summary(job, engine, stats, busy) -> dict:
+    wall = job.wall()
     per_rank = [{"rank": r, "stage": s, "replica": d, "busy_s": round(b, 3), "utilisation": round(b / wall, 3)}
                 for r, s, d, b in sorted(busy)]
-    summary = {
-        "output": os.path.abspath(args.output), "prompts": journal.documents_done,
+    return {
+        "output": os.path.abspath(job.out), "prompts": job.journal.documents_done,
         "new_tokens_this_run": stats["new_tokens"], "finish_reasons_this_run": stats["reasons"],
         "wall_s": round(wall, 3), "new_tokens_per_s": round(stats["new_tokens"] / max(wall, 1e-9), 1),
-        "layout": {"ranks": info.world_size, "pp": parallel.pp, "dp": info.world_size // parallel.pp,
-                   "device": info.device, "batch_size": engine.cfg.batch_size, "groups": len(engine.groups)},
-        "capacity": engine.capacity, "resumed": journal.resumed, "ranks": per_rank,
-        "model": {"path": os.path.abspath(args.model), "fingerprint": journal.fingerprint["model"]},
-        "inputs": [{"path": os.path.abspath(f.path), "bytes": f.size, "xxh3": f.xxh3, "prompts": f.documents}
-                   for f in files],
+        "layout": job.layout(batch_size=engine.cfg.batch_size, groups=len(engine.groups)),
+        "capacity": engine.capacity, "resumed": job.journal.resumed, "ranks": per_rank,
+        "model": job.model_summary(), "inputs": job.inputs_summary("prompts"),
     }
-    write_json_atomic(os.path.abspath(args.output) + ".summary.json", summary)
-    Progress.say(info, f"generated {stats['new_tokens']} tokens for {journal.documents_done} prompts "
-                       f"({summary['new_tokens_per_s']} tokens/s); wrote {args.output}", quiet=args.quiet)

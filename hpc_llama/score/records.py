@@ -16,6 +16,13 @@ def record_line(index: int, doc_id, n_tokens: int, loglik: float, token_logprobs
     return json.dumps(rec, ensure_ascii=False) + "\n"
 
 
+def step_lines(docs, result) -> list[str]:
+    """One step's records as JSON lines, in input order (`result`: the scorer's StepResult on rank 0)."""
+    lps = result.token_logprobs
+    return [record_line(d.index, d.id, int(n), float(ll), None if lps is None else lps[j])
+            for j, (d, n, ll) in enumerate(zip(docs, result.n_tokens, result.loglik, strict=True))]
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """`I/N` (0 <= I < N) -> (I, N)."""
     try:

@@ -33,6 +33,11 @@ class StepResult:
     """Padded token positions the model computed (real + padding)."""
     real_positions: int
 
+    def totals(self) -> dict:
+        """What the journal adds up over steps: tokens, log-likelihood, computed and real positions."""
+        return {"tokens": int(self.n_tokens.sum()), "loglik": float(self.loglik.sum()),
+                "positions": self.positions, "real_positions": self.real_positions}
+
 
 class Scorer:
     """This rank's part of a scoring job: a local model (one stage) or a DeepSpeed pipeline stage."""

@@ -1,0 +1,181 @@
+"""The skeleton every batch job over documents shares (score, generate; eval next).
+
+A batch job reads a checkpoint and input files, does the same work on every
+layout of pp stages x dp replicas, and has rank 0 write one record per input
+document, in input order, exactly once, resumably. What is common lives here:
+
+    job = BatchJob(args, "score", FLAGS)        # config + overrides, ranks, layout check, checkpoint, inputs
+    extra = job.validate(scan)                  # rank 0 checks every input and opens the journal; all get the result
+    with job.running(total, "doc"):             # torch.distributed when pp > 1, progress; always torn down
+        for step in ...: job.commit(lines, stats, tokens)
+        job.finish(columns, summary, message)   # OUT written atomically, OUT.summary.json, one report line
+
+A job module then says only what is its own: its flags, its engine, its step
+and its record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+
+from .errors import HpcLlamaError
+
+# Flags every batch job has, mapped to the config keys they override.
+COMMON_FLAGS = {"pp": "parallel.pp", "dtype": "parallel.dtype"}
+
+
+def add_overwrite_argument(p, what: str = "OUT") -> None:
+    """The one flag that replaces an existing output; `--force` stays as a hidden alias for old scripts."""
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what} if it exists")
+    p.add_argument("--force", dest="overwrite", action="store_true", help=argparse.SUPPRESS)
+
+
+def add_quiet_argument(p) -> None:
+    """The one meaning of --quiet: no progress bar and no log lines; warnings and errors still print."""
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines (errors still print)")
+
+
+def add_common_arguments(p, *, model_help: str, input_help: str, output_help: str, formats: tuple[str, ...],
+                         sections: str) -> None:
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--input", required=True, nargs="+", help=input_help)
+    p.add_argument("--output", required=True, help=output_help)
+    p.add_argument("--format", choices=formats, help="output format (default: from the name)")
+    p.add_argument("--config", help=f"YAML preset with {sections} sections")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--pp", type=int, help="pipeline stages (default 1)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), help="compute dtype (default auto)")
+
+
+def add_closing_arguments(p) -> None:
+    add_overwrite_argument(p)
+    add_quiet_argument(p)
+
+
+class BatchJob:
+    """One batch job's shared state on this rank: config, rank, checkpoint, inputs, journal, progress."""
+
+    def __init__(self, args, section: str, flags: dict[str, str], overrides: list[str] = (),
+                 formats: tuple[str, ...] | None = None):
+        from .checkpoint import open_checkpoint
+        from .config import SECTIONS, ParallelConfig, flag_overrides, load_sections
+        from .documents import expand_inputs
+        from .parallel.layout import check_layout
+        from .parallel.ranks import start_rank, world_comm
+        from .records import output_format
+        from .tokenizer import Tokenizer
+
+        self.t_start = time.time()
+        self.args, self.quiet = args, args.quiet
+        sections = load_sections(args.config, flag_overrides(args, {**COMMON_FLAGS, **flags}) + list(overrides)
+                                 + args.set)
+        self.parallel = sections["parallel"] or ParallelConfig()
+        self.cfg = sections[section] or SECTIONS[section]()
+        self.comm = world_comm()
+        self.info = start_rank(self.comm)
+        self.fmt = output_format(args.output, args.format)
+        if formats is not None and self.fmt not in formats:
+            raise HpcLlamaError(f"{section} writes " + " or ".join(f".{f}" for f in formats))
+        self.out = args.output
+        self.reader = open_checkpoint(args.model)
+        self.tokenizer = Tokenizer.from_checkpoint(self.reader)
+        self.files = expand_inputs(args.input)
+        try:
+            check_layout(self.info.world_size, self.parallel.pp)
+        except ValueError as e:
+            raise HpcLlamaError(str(e)) from None
+        self.journal = None
+        self.start = 0
+        self.progress = None
+
+    @property
+    def dp(self) -> int:
+        return self.info.world_size // self.parallel.pp
+
+    def validate(self, scan, options: dict):
+        """Rank 0 checks every input before any rank starts work or anything is written, then opens the journal.
+
+        `scan(files)` -> (files with counts and checksums, extra) raises on the
+        first bad input; `options` (the job's section and anything else that
+        changes a record) go into the journal's fingerprint, so a rerun with other
+        options is refused instead of mixing results. Every rank gets `extra`;
+        `self.files` and `self.start` (records already written by an earlier
+        attempt) are set everywhere.
+        """
+        from .records import Journal
+
+        state = None
+        if self.info.rank == 0:
+            files, extra = scan(self.files)
+            fingerprint = {"model": self.reader.fingerprint(), "inputs": [[f.path, f.size, f.xxh3] for f in files],
+                           "options": options}
+            self.journal = Journal(self.out, fingerprint, self.args.overwrite)
+            state = (files, extra, self.journal.documents_done)
+        self.files, extra, self.start = self.bcast(state)
+        return extra
+
+    def bcast(self, obj):
+        return self.comm.bcast(obj, root=0) if self.comm is not None else obj
+
+    def gather(self, obj) -> list | None:
+        return self.comm.gather(obj, root=0) if self.comm is not None else [obj]
+
+    @contextlib.contextmanager
+    def running(self, total: int, unit: str):
+        """Start torch.distributed (pipelines need it), show progress, and always tear down.
+
+        Ends in a barrier, so no rank leaves while rank 0 still writes.
+        """
+        from .parallel.ranks import start_distributed, stop_distributed
+        from .progress import Progress
+
+        if self.parallel.pp > 1:
+            start_distributed(self.info, self.comm, self.parallel.timeout_s)
+        try:
+            self.progress = Progress(self.info, total, self.start, quiet=self.quiet, unit=unit)
+            if self.start:
+                self.progress.log(f"resuming: {self.start} of {total} records are written already")
+            yield self
+            self.progress.close()
+            if self.comm is not None:
+                self.comm.Barrier()
+        finally:
+            self.reader.close()
+            stop_distributed()
+
+    def commit(self, lines: list[str], stats: dict, tokens: int) -> None:
+        """Rank 0: one step's records, durable before they count as done."""
+        self.journal.commit(lines, stats)
+        self.progress.update(len(lines), tokens)
+
+    # --- the summary ---------------------------------------------------------------
+
+    def wall(self) -> float:
+        return time.time() - self.t_start
+
+    def layout(self, **extra) -> dict:
+        return {"ranks": self.info.world_size, "pp": self.parallel.pp, "dp": self.dp, "device": self.info.device,
+                **extra}
+
+    def model_summary(self) -> dict:
+        return {"path": os.path.abspath(self.args.model), "fingerprint": self.journal.fingerprint["model"]}
+
+    def inputs_summary(self, unit: str) -> list[dict]:
+        return [{"path": os.path.abspath(f.path), "bytes": f.size, "xxh3": f.xxh3, unit: f.documents}
+                for f in self.files]
+
+    def finish(self, columns: dict[str, str], summary: dict, message: str) -> None:
+        """Rank 0: write OUT from the journal's records, OUT.summary.json beside it, and report."""
+        from .atomic import write_json_atomic
+
+        self.journal.finish(self.fmt, columns)
+        write_json_atomic(os.path.abspath(self.out) + ".summary.json", summary)
+        self.say(message)
+
+    def say(self, message: str) -> None:
+        from .progress import Progress
+
+        Progress.say(self.info, message, self.quiet)

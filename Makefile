@@ -44,7 +44,7 @@ $(OMPI)/.installed: $(VENV)/.installed
 	touch $@
 
 demo: install
-	DS_ACCELERATOR=cpu $(VENV)/bin/hpc-llama demo --out hpc-llama-demo --force
+	DS_ACCELERATOR=cpu $(VENV)/bin/hpc-llama demo --out hpc-llama-demo --overwrite
 
 # The Slurm tests start a real two-node cluster on this machine from Debian's
 # packages; the test fixture itself installs nothing.

@@ -173,7 +173,7 @@ def main():
     for name in names:
         spec = METHODS[name]
         out = os.path.join(tmp, f"{name}.h5")
-        cmd = [hpc, "compress", "--model", original, "--output", out, "--force", "--eval", heldout,
+        cmd = [hpc, "compress", "--model", original, "--output", out, "--overwrite", "--eval", heldout,
                "--eval-windows", str(args.windows), "--eval-len", "256", "--quiet"]
         cmd += [a for a in spec if a != "calib"] + (["--calib", calib] if "calib" in spec else [])
         if "calib" in spec and "--calib-samples" not in spec:

@@ -18,9 +18,9 @@ def write_json_atomic(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
-def check_destination(dst: str, force: bool) -> None:
-    if os.path.lexists(dst) and not force:
-        raise HpcLlamaError(f"{dst} already exists (use --force to replace it)")
+def check_destination(dst: str, overwrite: bool) -> None:
+    if os.path.lexists(dst) and not overwrite:
+        raise HpcLlamaError(f"{dst} already exists (use --overwrite to replace it)")
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise HpcLlamaError(f"{parent}: output directory does not exist")
@@ -34,12 +34,12 @@ def _remove(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(dst: str, force: bool = False):
+def atomic_path(dst: str, overwrite: bool = False):
     """Yield a temporary sibling path to write a file or directory into; rename it to `dst` on success.
 
     On any error the temporary output is removed and `dst` is left as it was.
     """
-    check_destination(dst, force)
+    check_destination(dst, overwrite)
     dst = os.path.abspath(dst)
     tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.partial-{os.getpid()}")
     _remove(tmp)

@@ -16,7 +16,6 @@ and its record.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import time
@@ -25,17 +24,6 @@ from .errors import HpcLlamaError
 
 # Flags every batch job has, mapped to the config keys they override.
 COMMON_FLAGS = {"pp": "parallel.pp", "dtype": "parallel.dtype"}
-
-
-def add_overwrite_argument(p, what: str = "OUT") -> None:
-    """The one flag that replaces an existing output; `--force` stays as a hidden alias for old scripts."""
-    p.add_argument("--overwrite", action="store_true", help=f"replace {what} if it exists")
-    p.add_argument("--force", dest="overwrite", action="store_true", help=argparse.SUPPRESS)
-
-
-def add_quiet_argument(p) -> None:
-    """The one meaning of --quiet: no progress bar and no log lines; warnings and errors still print."""
-    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines (errors still print)")
 
 
 def add_common_arguments(p, *, model_help: str, input_help: str, output_help: str, formats: tuple[str, ...],
@@ -51,6 +39,8 @@ def add_common_arguments(p, *, model_help: str, input_help: str, output_help: st
 
 
 def add_closing_arguments(p) -> None:
+    from .cli import add_overwrite_argument, add_quiet_argument
+
     add_overwrite_argument(p)
     add_quiet_argument(p)
 
@@ -63,7 +53,7 @@ class BatchJob:
         from .checkpoint import open_checkpoint
         from .config import SECTIONS, ParallelConfig, flag_overrides, load_sections
         from .documents import expand_inputs
-        from .parallel.layout import check_layout
+        from .parallel.layout import require_layout
         from .parallel.ranks import start_rank, world_comm
         from .records import output_format
         from .tokenizer import Tokenizer
@@ -83,10 +73,7 @@ class BatchJob:
         self.reader = open_checkpoint(args.model)
         self.tokenizer = Tokenizer.from_checkpoint(self.reader)
         self.files = expand_inputs(args.input)
-        try:
-            check_layout(self.info.world_size, self.parallel.pp)
-        except ValueError as e:
-            raise HpcLlamaError(str(e)) from None
+        require_layout(self.info.world_size, self.parallel.pp)
         self.journal = None
         self.start = 0
         self.progress = None
@@ -176,6 +163,6 @@ class BatchJob:
         self.say(message)
 
     def say(self, message: str) -> None:
-        from .progress import Progress
+        from .progress import report
 
-        Progress.say(self.info, message, self.quiet)
+        report(message, self.quiet, self.info.rank)

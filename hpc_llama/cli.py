@@ -30,6 +30,20 @@ JOBS = {
 }
 
 
+def add_overwrite_argument(p, what: str = "OUT") -> None:
+    """The one flag that replaces an existing output, in every job; `--force`, its old name in some jobs,
+    stays as a hidden alias so existing scripts keep working."""
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what} if it exists")
+    p.add_argument("--force", dest="overwrite", action="store_true", help=argparse.SUPPRESS)
+
+
+def add_quiet_argument(p) -> None:
+    """The one meaning of --quiet: no progress bar and no report lines; warnings and errors still print.
+    Reports and progress go to stderr (progress.report); stdout carries only what a command is asked to
+    show (inspect's report, check's comparison, the demo's walk-through)."""
+    p.add_argument("--quiet", action="store_true", help="no progress bar or report lines (errors still print)")
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors become one line from rank 0, like every other error (not a usage text per rank)."""
 

@@ -1,9 +1,19 @@
-"""Progress for batch jobs: a tqdm bar on rank 0 (documents, tokens/s, ETA) and rank-tagged log lines."""
+"""What a job tells its user while it runs: a tqdm bar on rank 0 (documents, tokens/s, ETA) and report lines.
+
+Both go to stderr, from rank 0 only, and `--quiet` silences both; stdout is
+left to what a command is asked to show (see cli.add_quiet_argument).
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+
+
+def report(message: str, quiet: bool = False, rank: int = 0) -> None:
+    """One report line on stderr, from rank 0 only: `hpc-llama [rank 0]: message`."""
+    if not quiet and rank == 0:
+        print(f"hpc-llama [rank {rank}]: {message}", file=sys.stderr, flush=True)
 
 
 class Progress:
@@ -27,12 +37,7 @@ class Progress:
             self.bar.update(n)
 
     def log(self, message: str) -> None:
-        self.say(self.info, message, self.quiet)
-
-    @staticmethod
-    def say(info, message: str, quiet: bool = False) -> None:
-        if not quiet and info.rank == 0:
-            print(f"hpc-llama [rank {info.rank}]: {message}", file=sys.stderr, flush=True)
+        report(message, self.quiet, self.info.rank)
 
     def close(self) -> None:
         if self.bar is not None:

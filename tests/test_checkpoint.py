@@ -243,7 +243,7 @@ def test_bad_inputs_fail_cleanly(hf_dirs, h5_path, tmp_path):
         (["convert", str(no_config), str(tmp_path / "x.h5")], "without config.json"),
         (["inspect", h5_path, "--pp", "9"], "9 pipeline stages but the model has only 4 layers"),
         (["init", "--config", str(bad_yaml), str(tmp_path / "y.h5")], "unknown key 'n_layer'"),
-        (["convert", hf_dirs["llama2"], h5_path], "already exists (use --force"),
+        (["convert", hf_dirs["llama2"], h5_path], "already exists (use --overwrite"),
         (["inspect", str(tmp_path / "nope.h5")], "no such file"),
     ]
     for args, needle in cases:

@@ -111,7 +111,8 @@ def test_check_command_under_mpirun(ckpt):
 def test_layout_errors_are_one_line_from_rank_0(ckpt):
     from conftest import run_mpi
 
-    for args, needle in ((["--pp", "3"], "4 ranks cannot be split into 3 pipeline stages"),
+    for args, needle in ((["--pp", "3"], "4 ranks cannot be split into 3 pipeline stages "
+                                             "(ranks must be a multiple of stages)"),
                          (["--pp", "8"], "8 pipeline stages but the model has only 4 layers")):
         p = run_mpi(4, os.path.join(BIN, "hpc-llama"), "check", "--model", ckpt, *args)
         ours = [line for line in p.stderr.splitlines() if line.startswith("hpc-llama:")]

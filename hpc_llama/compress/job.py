@@ -25,6 +25,7 @@ from __future__ import annotations
 
 
 def add_arguments(p):
+    from ..cli import add_overwrite_argument, add_quiet_argument
     from .chain import PROJECTIONS
 
     p.add_argument("--model", required=True, help="checkpoint to compress (.h5, sharded, HF, GGUF or smollm2-135m)")
@@ -52,8 +53,8 @@ def add_arguments(p):
     p.add_argument("--eval-len", type=int, default=256, help="tokens per evaluation window (default 256)")
     p.add_argument("--eval-windows", type=int, default=32, help="most evaluation windows (default 32)")
     p.add_argument("--text-field", default="text", help="JSONL field with the text (default text)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--quiet", action="store_true", help="only errors")
+    add_overwrite_argument(p)
+    add_quiet_argument(p)
 
 
 CALIBRATED = ("gptq", "prune", "prune-ffn", "prune-heads")
@@ -110,7 +111,7 @@ def run(args) -> int:
     for name in ("calib_samples", "calib_len", "eval_len", "eval_windows"):
         if getattr(args, name) < 1:
             raise HpcLlamaError(f"--{name.replace('_', '-')} must be at least 1")
-    check_destination(args.output, args.force)
+    check_destination(args.output, args.overwrite)
     reader = open_checkpoint(args.model)
     check_structure(reader)
     cfg = reader.config
@@ -188,7 +189,7 @@ def run(args) -> int:
                     lowrank=dict(sorted(factors.items())), compression=list(ours.get("compression", [])) + record)
         hf["hpc_llama"] = ours
         new_cfg = model_config_from_hf(hf)
-        with atomic_path(args.output, args.force) as tmp:
+        with atomic_path(args.output, args.overwrite) as tmp:
             w = H5Writer(tmp, hf, reader.assets(), version=FORMAT_VERSION)
             try:
                 for r, p in enumerate(plans):
@@ -225,23 +226,23 @@ def run(args) -> int:
             summary["eval"] = report
     if rank == 0:
         from ..atomic import write_json_atomic
+        from ..progress import report
 
         summary["seconds"] = round(time.time() - t_start, 3)
         write_json_atomic(os.path.abspath(args.output) + ".summary.json", summary)
-        if not args.quiet:
-            b, p = summary["bytes"], summary["parameters"]
-            print(f"compress: {'+'.join(s.method for s in steps)} on {world} rank(s): "
-                  f"{b['original_fp32'] / 1e6:,.1f} MB as fp32 -> {b['compressed'] / 1e6:,.1f} MB "
-                  f"({100 * b['compressed'] / b['original_fp32']:.1f}%), parameters {p['original'] / 1e6:.1f}M -> "
-                  f"{p['compressed'] / 1e6:.1f}M; wrote {args.output}")
-            if eval_tokens is not None:
-                e = summary["eval"]
-                print(f"eval: {e['tokens']} tokens: perplexity {e['perplexity']['original']:.4f} -> "
-                      f"{e['perplexity']['compressed']:.4f} ({100 * e['perplexity_change']:+.2f}%), "
-                      f"KL {e['kl_mean']:.5f}, top-1 agreement {100 * e['top1_agreement']:.2f}%, "
-                      f"tokens/s {e['tokens_per_s']['original']:.0f} -> {e['tokens_per_s']['compressed']:.0f}, "
-                      f"resident {e['resident_bytes']['original'][0] / 1e6:.1f} -> "
-                      f"{e['resident_bytes']['compressed'][0] / 1e6:.1f} MB on rank 0")
+        b, p = summary["bytes"], summary["parameters"]
+        report(f"compress: {'+'.join(s.method for s in steps)} on {world} rank(s): "
+               f"{b['original_fp32'] / 1e6:,.1f} MB as fp32 -> {b['compressed'] / 1e6:,.1f} MB "
+               f"({100 * b['compressed'] / b['original_fp32']:.1f}%), parameters {p['original'] / 1e6:.1f}M -> "
+               f"{p['compressed'] / 1e6:.1f}M; wrote {args.output}", args.quiet)
+        if eval_tokens is not None:
+            e = summary["eval"]
+            report(f"eval: {e['tokens']} tokens: perplexity {e['perplexity']['original']:.4f} -> "
+                   f"{e['perplexity']['compressed']:.4f} ({100 * e['perplexity_change']:+.2f}%), "
+                   f"KL {e['kl_mean']:.5f}, top-1 agreement {100 * e['top1_agreement']:.2f}%, "
+                   f"tokens/s {e['tokens_per_s']['original']:.0f} -> {e['tokens_per_s']['compressed']:.0f}, "
+                   f"resident {e['resident_bytes']['original'][0] / 1e6:.1f} -> "
+                   f"{e['resident_bytes']['compressed'][0] / 1e6:.1f} MB on rank 0", args.quiet)
     reader.close()
     return 0
 

@@ -37,7 +37,7 @@ def run(args) -> int:
     from ..checkpoint.slices import load_slice, slice_sources
     from ..config import ParallelConfig
     from ..errors import HpcLlamaError
-    from ..parallel.layout import stage_plans
+    from ..parallel.layout import require_layout, stage_plans
     from ..parallel.pipeline import build_pipeline, eval_batches
     from ..parallel.ranks import resolve_dtype, start_distributed, start_rank, stop_distributed, world_comm
 
@@ -51,8 +51,7 @@ def run(args) -> int:
     reader = open_checkpoint(args.model)
     try:
         stage_plans(reader.config, parallel)  # refuses impossible layouts before any rank starts
-        if info.world_size % args.pp:
-            raise HpcLlamaError(f"{info.world_size} ranks cannot be split into {args.pp} pipeline stages")
+        require_layout(info.world_size, args.pp)
         if max(lengths) > reader.config.max_seq_len:
             raise HpcLlamaError(f"length {max(lengths)} exceeds the model's context of {reader.config.max_seq_len}")
         start_distributed(info, comm, parallel.timeout_s)

@@ -24,6 +24,8 @@ FORMATS = ("h5", "h5-sharded", "hf")
 
 
 def add_arguments(p):
+    from ..cli import add_overwrite_argument, add_quiet_argument
+
     p.add_argument("src", help="HF model directory, .h5 file, sharded HDF5 directory, GGUF file, or smollm2-135m")
     p.add_argument("dst", help="destination file (.h5) or directory")
     p.add_argument("--format", choices=FORMATS, help="destination format (default: from the destination name)")
@@ -33,7 +35,8 @@ def add_arguments(p):
                    help="cast floating-point tensors (default: keep the stored dtype, bit-exact)")
     p.add_argument("--dequantize", action="store_true", help="write a compressed checkpoint's dense weights "
                    "(quantized tensors dequantized, low-rank factors multiplied back)")
-    p.add_argument("--force", action="store_true", help="replace the destination if it exists")
+    add_overwrite_argument(p, "the destination")
+    add_quiet_argument(p)
 
 
 def destination_format(dst: str, src_format: str, requested: str | None, shard_size: str | None) -> str:
@@ -59,12 +62,13 @@ def run(args) -> int:
     from ..errors import HpcLlamaError
     from ..model.quantized import SCHEMES
     from ..parallel.ranks import world_comm
+    from ..progress import report
 
     comm = world_comm()
     if comm is not None and comm.Get_rank() != 0:
         comm.Barrier()  # conversion is serial: the other ranks only wait for it
         return 0
-    check_destination(args.dst, args.force)
+    check_destination(args.dst, args.overwrite)
     reader = open_checkpoint(args.src)
     try:
         check_structure(reader)
@@ -81,13 +85,13 @@ def run(args) -> int:
                                 f"cannot hold; give --dequantize to write dense weights")
         if args.dtype != "keep":
             reader = CastReader(reader, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
-        with atomic_path(args.dst, args.force) as tmp:
+        with atomic_path(args.dst, args.overwrite) as tmp:
             if fmt == "hf":
                 write_hf(tmp, reader, shard, uniform_hf(reader) if "hpc_llama" in reader.hf_config else None)
             else:
                 write_checkpoint(tmp, reader, shard if fmt == "h5-sharded" else None)
         n = len(reader.names())
-        print(f"wrote {args.dst} ({fmt}, {n} tensors, {reader.config.n_params / 1e6:.1f}M parameters)")
+        report(f"wrote {args.dst} ({fmt}, {n} tensors, {reader.config.n_params / 1e6:.1f}M parameters)", args.quiet)
     finally:
         reader.close()
         if comm is not None and comm.Get_size() > 1:

@@ -35,6 +35,8 @@ QUESTIONS = ["What is the capital of France?",
 
 
 def add_arguments(p):
+    from ..cli import add_overwrite_argument
+
     p.add_argument("--out", default="hpc-llama-demo", help="directory for everything the demo writes")
     p.add_argument("--ranks", type=int, default=2, help="MPI ranks (= pipeline stages) for the parallel steps")
     p.add_argument("--steps", type=int, default=300, help="pretraining steps of the tiny model")
@@ -42,7 +44,7 @@ def add_arguments(p):
     p.add_argument("--docs", type=int, default=12, help="documentation topics to score")
     p.add_argument("--examples", type=int, default=0, help="LoRA task examples to use (default: all, about 1,200)")
     p.add_argument("--new-tokens", type=int, default=64, help="most new tokens per answer")
-    p.add_argument("--force", action="store_true", help="reuse an existing output directory")
+    add_overwrite_argument(p, "the output directory's contents (reuse it)")
 
 
 def run(args) -> int:
@@ -64,8 +66,8 @@ def run(args) -> int:
         raise HpcLlamaError("--steps, --lora-steps, --docs and --new-tokens must be at least 1, --examples at least 0")
     embedded_path()  # fails with the install command before anything is written
     out = os.path.abspath(args.out)
-    if os.path.exists(out) and not args.force:
-        raise HpcLlamaError(f"{out} already exists (use --force to reuse it)")
+    if os.path.exists(out) and not args.overwrite:
+        raise HpcLlamaError(f"{out} already exists (use --overwrite to reuse it)")
     os.makedirs(out, exist_ok=True)
     bin_dir = os.path.dirname(sys.executable)
     exe = shutil.which("hpc-llama", path=bin_dir) or shutil.which("hpc-llama")
@@ -99,7 +101,7 @@ def run(args) -> int:
 
     # --- the embedded real model ---------------------------------------------------------
     smol = path("smollm2.h5")
-    step("convert the embedded SmolLM2-135M-Instruct (GGUF) to HDF5", [exe, "convert", NAME, smol, "--force"])
+    step("convert the embedded SmolLM2-135M-Instruct (GGUF) to HDF5", [exe, "convert", NAME, smol, "--overwrite"])
     docs = _write_documentation(path("docs.jsonl"), args.docs)
     scores, scores_1 = path("docs-scores.jsonl"), path("docs-scores-1.jsonl")
     step(f"score Python's documentation on {n} pipeline stages",
@@ -128,17 +130,17 @@ def run(args) -> int:
     small = path("smollm2-int8.h5")
     step(f"compress SmolLM2 to int8 on {n} ranks and compare it with the original on the documentation",
          [*mpi, "compress", "--model", smol, "--output", small, "--method", "int8", "--embeddings", "--eval", docs,
-          "--eval-windows", "8", "--force"])
+          "--eval-windows", "8", "--overwrite"])
     facts["compress"] = _read_json(small + ".summary.json")
 
     task, sft, lora = path("task.jsonl"), path("sft"), path("lora")
     facts["task_examples"] = _write_task(task, stdlib, args.examples)
     step("prepare the fine-tuning task (summarise a standard-library function from its name)",
          [exe, "prepare", "--input", task, "--output", sft, "--tokenizer", smol, "--task", "--split", "0.8,0.1,0.1",
-          "--force"])
+          "--overwrite"])
     step(f"LoRA fine-tune SmolLM2 on {n} pipeline stages",
          [*mpi, "train", "--config", "smollm2-lora", "--data", sft, "--out", lora, "--init", smol, "--pp", n,
-          "--steps", str(args.lora_steps), "--set", f"train.eval_every={_eval_every(args.lora_steps)}", "--force"])
+          "--steps", str(args.lora_steps), "--set", f"train.eval_every={_eval_every(args.lora_steps)}", "--overwrite"])
     facts["lora_metrics"] = _read_jsonl(os.path.join(lora, "metrics.jsonl"))
     facts["lora_test"] = _read_json(os.path.join(lora, "test.json"))
     lora_val = [(r["step"], r["val_loss"]) for r in facts["lora_metrics"] if r.get("val_loss") is not None]
@@ -149,13 +151,13 @@ def run(args) -> int:
     data, run_dir = path("data"), path("pretrain")
     model, hf, back = os.path.join(run_dir, "final.h5"), path("model-hf"), path("roundtrip.h5")
     step("prepare the standard library", [exe, "prepare", "--input", os.path.join(stdlib, "*.py"), "--output", data,
-                                          "--train-tokenizer", "2048", "--split", "0.9,0.05,0.05", "--skip-bad", "--force"])
+                                          "--train-tokenizer", "2048", "--split", "0.9,0.05,0.05", "--skip-bad", "--overwrite"])
     step(f"pretrain a tiny Llama on {n} pipeline stages",
          [*mpi, "train", "--config", "tiny-train", "--data", data, "--out", run_dir, "--pp", n,
-          "--steps", str(args.steps), "--force"])
+          "--steps", str(args.steps), "--overwrite"])
     step("inspect and verify the result", [exe, "inspect", model, "--pp", n, "--verify"])
-    step("convert to an HF directory", [exe, "convert", model, hf, "--format", "hf", "--force"])
-    step("convert back to HDF5", [exe, "convert", hf, back, "--force"])
+    step("convert to an HF directory", [exe, "convert", model, hf, "--format", "hf", "--overwrite"])
+    step("convert back to HDF5", [exe, "convert", hf, back, "--overwrite"])
     facts["same"] = _checksums(model) == _checksums(back)
     print(f"round trip HDF5 -> HF -> HDF5: {'bit-identical' if facts['same'] else 'DIFFERENT'}")
     if not facts["same"]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 
 def add_arguments(p):
+    from ..cli import add_overwrite_argument, add_quiet_argument
+
     p.add_argument("dst", help="destination .h5 file (or directory with --shard-size)")
     p.add_argument("--config", required=True, help="YAML preset: a path or a name in configs/ (tiny, llama2-7b, llama3-8b)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
@@ -19,7 +21,8 @@ def add_arguments(p):
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="stored dtype")
     p.add_argument("--tokenizer", help="tokenizer.json to embed, so text can be scored with the model")
     p.add_argument("--shard-size", default=None, metavar="SIZE", help="write a directory of shards of at most SIZE")
-    p.add_argument("--force", action="store_true", help="replace the destination if it exists")
+    add_overwrite_argument(p, "the destination")
+    add_quiet_argument(p)
 
 
 def run(args) -> int:
@@ -30,12 +33,13 @@ def run(args) -> int:
     from ..checkpoint.views import InitReader
     from ..config import load_sections, parse_size
     from ..errors import HpcLlamaError
+    from ..progress import report
 
     sections = load_sections(args.config, args.set)
     cfg = sections["model"]
     if cfg is None:
         raise HpcLlamaError(f"{args.config}: no model section to initialise from")
-    check_destination(args.dst, args.force)
+    check_destination(args.dst, args.overwrite)
     assets = {}
     if args.tokenizer:
         try:
@@ -45,7 +49,7 @@ def run(args) -> int:
             raise HpcLlamaError(f"{args.tokenizer}: {e.strerror}") from None
     reader = InitReader(cfg, args.seed, torch.float32 if args.dtype == "fp32" else torch.bfloat16, assets)
     shard = parse_size(args.shard_size) if args.shard_size else None
-    with atomic_path(args.dst, args.force) as tmp:
+    with atomic_path(args.dst, args.overwrite) as tmp:
         write_checkpoint(tmp, reader, shard)
-    print(f"wrote {args.dst}: {cfg.n_params / 1e6:,.1f}M parameters, seed {args.seed}, {args.dtype}")
+    report(f"wrote {args.dst}: {cfg.n_params / 1e6:,.1f}M parameters, seed {args.seed}, {args.dtype}", args.quiet)
     return 0

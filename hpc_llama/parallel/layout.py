@@ -39,6 +39,16 @@ def check_layout(world_size: int, pp: int, n_layers: int | None = None) -> None:
         raise ValueError(f"{pp} pipeline stages but the model has only {n_layers} layers")
 
 
+def require_layout(world_size: int, pp: int, n_layers: int | None = None) -> None:
+    """`check_layout` for a job about to start: the same rule, refused as the one-line user error."""
+    from ..errors import HpcLlamaError
+
+    try:
+        check_layout(world_size, pp, n_layers)
+    except ValueError as e:
+        raise HpcLlamaError(str(e)) from None
+
+
 def uniform_sizes(n_items: int, n_parts: int) -> list[int]:
     """Sizes of n_parts contiguous parts differing by at most one; earlier parts take the extras."""
     base, extra = divmod(n_items, n_parts)

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 
 def add_arguments(p):
+    from ..cli import add_overwrite_argument, add_quiet_argument
+
     p.add_argument("--output", required=True, help="OUT (.jsonl, .parquet or .h5) that the parts were scored for")
     p.add_argument("--format", choices=("jsonl", "parquet", "hdf5"), help="output format (default: from the name)")
     p.add_argument("--parts", type=int, help="how many parts to expect (default: from the parts' names)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--keep-parts", action="store_true", help="leave the parts in place (default: remove them)")
+    add_overwrite_argument(p)
+    add_quiet_argument(p)
 
 
 def find_parts(out: str, expected: int | None) -> list[str]:
@@ -57,6 +60,7 @@ def run(args) -> int:
     from ..atomic import write_json_atomic
     from ..errors import HpcLlamaError
     from ..parallel.ranks import world_comm
+    from ..progress import report
     from ..records import Journal, output_format
     from .records import SCORE_COLUMNS
 
@@ -109,6 +113,6 @@ def run(args) -> int:
         for p in parts:
             os.remove(p)
             os.remove(p + ".summary.json")
-    print(f"merged {len(parts)} parts into {args.output}: {expect} documents, {tokens} tokens, corpus perplexity "
-          f"{summary['corpus_ppl'] if summary['corpus_ppl'] is None else round(summary['corpus_ppl'], 3)}")
+    report(f"merged {len(parts)} parts into {args.output}: {expect} documents, {tokens} tokens, corpus perplexity "
+           f"{summary['corpus_ppl'] if summary['corpus_ppl'] is None else round(summary['corpus_ppl'], 3)}", args.quiet)
     return 0

@@ -18,6 +18,8 @@ import math
 
 
 def add_arguments(p):
+    from ..cli import add_overwrite_argument, add_quiet_argument
+
     p.add_argument("--config", help="YAML preset (model, parallel, train sections); a path or a name in configs/")
     p.add_argument("--data", required=True, help="data directory made by hpc-llama prepare")
     p.add_argument("--out", required=True, help="run directory")
@@ -30,8 +32,8 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, help="optimiser steps")
     p.add_argument("--resume", action="store_true", help="carry on from the run directory's newest checkpoint, if any")
     p.add_argument("--export-only", action="store_true", help="with --resume: export the newest checkpoint and stop")
-    p.add_argument("--force", action="store_true", help="start over in an existing run directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite_argument(p, "an existing run directory (start over)")
+    add_quiet_argument(p)
 
 
 _FLAGS = {"pp": "parallel.pp", "dtype": "parallel.dtype", "zero": "train.zero", "lora": "train.lora_rank",
@@ -44,7 +46,7 @@ def run(args) -> int:
 
     from ..config import ParallelConfig, TrainConfig, flag_overrides, load_sections
     from ..parallel.ranks import resolve_dtype, start_distributed, start_rank, stop_distributed, world_comm
-    from ..progress import Progress
+    from ..progress import Progress, report
     from .data import (
         SplitData,
         counted_targets,
@@ -117,7 +119,7 @@ def run(args) -> int:
                 trainer.save(ckpt_dir, step + 1, tcfg.keep_checkpoints)
                 if stop.raised and not done:
                     # Said even in quiet mode: a batch log must show why the job ended early.
-                    Progress.say(info, f"stopped by {stop.name} after step {step + 1}: checkpoint saved, exiting")
+                    report(f"stopped by {stop.name} after step {step + 1}: checkpoint saved, exiting", rank=info.rank)
                     progress.close()
                     return 0
         progress.close()
@@ -218,12 +220,9 @@ def _model_source(args, model_cfg, tcfg, manifest):
 
 def _layout(info, parallel, tcfg, cfg, resolve_dtype):
     from ..errors import HpcLlamaError
-    from ..parallel.layout import check_layout
+    from ..parallel.layout import require_layout
 
-    try:
-        check_layout(info.world_size, parallel.pp, cfg.n_layers)
-    except ValueError as e:
-        raise HpcLlamaError(str(e)) from None
+    require_layout(info.world_size, parallel.pp, cfg.n_layers)
     dp = info.world_size // parallel.pp
     if tcfg.global_batch % (tcfg.micro_batch * dp):
         raise HpcLlamaError(f"global batch {tcfg.global_batch} is not divisible by micro-batch {tcfg.micro_batch} "
@@ -248,10 +247,10 @@ def _prepare_run_dir(run_dir, snapshot, args):
 
     path = os.path.join(run_dir, "config.json")
     if os.path.exists(run_dir):
-        if args.force and not args.resume:
+        if args.overwrite and not args.resume:
             shutil.rmtree(run_dir)
         elif not args.resume:
-            raise HpcLlamaError(f"{args.out} already exists (--resume to carry on, --force to start over)")
+            raise HpcLlamaError(f"{args.out} already exists (--resume to carry on, --overwrite to start over)")
         elif os.path.exists(path):
             with open(path) as f:
                 saved = json.load(f)

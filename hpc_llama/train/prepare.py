@@ -16,6 +16,8 @@ from __future__ import annotations
 
 
 def add_arguments(p):
+    from ..cli import add_overwrite_argument, add_quiet_argument
+
     p.add_argument("--input", required=True, nargs="+", help="JSONL files, text files, directories of .txt, or globs")
     p.add_argument("--output", required=True, help="data directory to create")
     p.add_argument("--tokenizer", help="tokenizer.json, or a checkpoint whose tokenizer to use")
@@ -27,7 +29,8 @@ def add_arguments(p):
     p.add_argument("--response-field", default="response", help="JSONL response field with --task")
     p.add_argument("--chunk-docs", type=int, default=4096, help="documents per shard")
     p.add_argument("--skip-bad", action="store_true", help="skip documents that cannot be read (counted in the manifest)")
-    p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    add_overwrite_argument(p, "the output directory")
+    add_quiet_argument(p)
 
 
 def run(args) -> int:
@@ -41,6 +44,7 @@ def run(args) -> int:
     from ..documents import Fields, expand_inputs, read_documents, scan_inputs
     from ..errors import HpcLlamaError
     from ..parallel.ranks import start_rank, world_comm
+    from ..progress import report
     from ..tokenizer import Tokenizer
     from .data import FORMAT, FORMAT_VERSION, parse_split, unigram_entropy, write_shard
 
@@ -56,7 +60,7 @@ def run(args) -> int:
     tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.partial")
     state = None
     if info.rank == 0:
-        check_destination(dst, args.force)
+        check_destination(dst, args.overwrite)
         skipped: list[str] = []
         files, _ = scan_inputs(files, fields, None, True, on_error=skipped.append if args.skip_bad else None)
         tok_json = _tokenizer_json(args, files, fields, fractions, skipped)
@@ -108,10 +112,11 @@ def run(args) -> int:
             shutil.rmtree(dst)
         os.rename(tmp, dst)
         t = totals
-        print(f"wrote {args.output}: {len(shards)} shards; train {t['train']['documents']} documents / "
+        report(f"wrote {args.output}: {len(shards)} shards; train {t['train']['documents']} documents / "
               f"{t['train']['tokens']} tokens, val {t['val']['documents']} / {t['val']['tokens']}, "
               f"test {t['test']['documents']} / {t['test']['tokens']}; vocabulary {vocab}; unigram baseline "
-              f"{manifest['train_unigram_entropy']:.3f} nats/token" + (f"; skipped {n_skipped} unreadable" if n_skipped else ""))
+              f"{manifest['train_unigram_entropy']:.3f} nats/token" + (f"; skipped {n_skipped} unreadable" if n_skipped else ""),
+               args.quiet)
     if comm is not None:
         comm.Barrier()
     return 0

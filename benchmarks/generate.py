@@ -34,11 +34,12 @@ from common import ROOT, save_result  # noqa: E402  (benchmarks/common.py, besid
 
 
 def ours(model, info, prompts, new_tokens, batch, capacity):
-    from hpc_llama.generate.engine import GenerationConfig, Prompt, RingGenerator
-    from hpc_llama.generate.sampling import SamplingConfig
+    from hpc_llama.config import GenerateConfig
+    from hpc_llama.generate.engine import RingGenerator
+    from hpc_llama.generate.sampling import Prompt
 
-    ring = RingGenerator(model, info, 1, GenerationConfig(new_tokens, (), batch, 1), SamplingConfig(), None, (),
-                         capacity, torch.float32)
+    cfg = GenerateConfig(max_new_tokens=new_tokens, batch_size=batch, groups=1)
+    ring = RingGenerator(model, info, 1, cfg, None, (), capacity, torch.float32)
     items = [Prompt(i, i, tuple(p)) for i, p in enumerate(prompts)]
     t0 = time.perf_counter()
     out = []

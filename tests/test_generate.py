@@ -193,7 +193,7 @@ def test_existing_output_is_refused(model, tmp_path):
     ([100, 120, 130, 400], [[0, 1, 2], [3]]),
 ])
 def test_prefill_pieces(lengths, pieces):
-    from hpc_llama.generate.engine import prefill_pieces
+    from hpc_llama.generate.scheduler import prefill_pieces
 
     got = prefill_pieces(lengths)
     assert got == pieces

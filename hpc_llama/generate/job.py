@@ -111,24 +111,20 @@ def _engine(job, capacity):
     from ..checkpoint.slices import load_slice
     from ..parallel.layout import stage_and_replica, stage_plans
     from ..parallel.ranks import resolve_dtype
-    from .engine import GenerationConfig, RingGenerator
-    from .sampling import SamplingConfig
+    from .engine import RingGenerator
 
     info, parallel, cfg, reader = job.info, job.parallel, job.cfg, job.reader
     stage, _ = stage_and_replica(info.rank, info.world_size, parallel.pp)
     plan = stage_plans(reader.config, parallel)[stage]
     dtype = resolve_dtype(parallel.dtype, info.device)
     model = load_slice(reader, plan.layers, plan.embed, plan.head, info.device, dtype)
-    gcfg = GenerationConfig(cfg.max_new_tokens, tuple(cfg.stops), cfg.batch_size, cfg.groups)
-    sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
-    return RingGenerator(model, info, parallel.pp, gcfg, sampling, job.tokenizer, reader.config.eos_ids, capacity,
-                         dtype)
+    return RingGenerator(model, info, parallel.pp, cfg, job.tokenizer, reader.config.eos_ids, capacity, dtype)
 
 
 def _generate_step(step, engine, job, bos) -> list[dict]:
     """Generate a step's prompts; rank 0 gets the records, in input order."""
     from ..tokenizer import tokenize_documents
-    from .engine import Prompt
+    from .sampling import Prompt
 
     info = job.info
     seqs = tokenize_documents(step, job.tokenizer, bos, job.comm, info.rank, info.world_size)

@@ -105,10 +105,10 @@ class BatchJob:
         return extra
 
     def bcast(self, obj):
-        return self.comm.bcast(obj, root=0) if self.comm is not None else obj
+        return self.comm.bcast(obj, root=0)
 
     def gather(self, obj) -> list | None:
-        return self.comm.gather(obj, root=0) if self.comm is not None else [obj]
+        return self.comm.gather(obj, root=0)
 
     @contextlib.contextmanager
     def running(self, total: int, unit: str):
@@ -127,8 +127,7 @@ class BatchJob:
                 self.progress.log(f"resuming: {self.start} of {total} records are written already")
             yield self
             self.progress.close()
-            if self.comm is not None:
-                self.comm.Barrier()
+            self.comm.Barrier()
         finally:
             self.reader.close()
             stop_distributed()

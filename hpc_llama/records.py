@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 
+from .atomic import atomic_path, check_destination, publish, write_json_atomic
 from .errors import HpcLlamaError
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}
@@ -39,10 +40,7 @@ class Journal:
         self.fingerprint = fingerprint = json.loads(json.dumps(fingerprint))
         self.state = {"documents": 0, "bytes": 0, "steps": 0, "stats": {}}
         self.resumed = False
-        if os.path.exists(self.out) and not overwrite:
-            raise HpcLlamaError(f"{out} already exists (use --overwrite to replace it)")
-        if not os.path.isdir(os.path.dirname(self.out)):
-            raise HpcLlamaError(f"{os.path.dirname(self.out)}: output directory does not exist")
+        check_destination(out, overwrite)
         if os.path.exists(self.path):
             with open(self.path) as f:
                 saved = json.load(f)
@@ -79,12 +77,7 @@ class Journal:
         self._save()
 
     def _save(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"fingerprint": self.fingerprint, "state": self.state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, {"fingerprint": self.fingerprint, "state": self.state}, indent=None)
 
     def finish(self, fmt: str, columns: dict[str, str]) -> None:
         """Write the final output from the partial file, atomically, and remove the journal.
@@ -93,16 +86,10 @@ class Journal:
         float_list) for the typed formats.
         """
         if fmt == "jsonl":
-            os.replace(self.partial, self.out)
+            publish(self.partial, self.out)  # its bytes are fsynced step by step already
         else:
-            tmp = f"{self.out}.tmp-{os.getpid()}"
-            try:
+            with atomic_path(self.out, overwrite=True) as tmp:
                 (write_parquet if fmt == "parquet" else write_hdf5)(self.partial, tmp, columns)
-                os.replace(tmp, self.out)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
             os.remove(self.partial)
         os.remove(self.path)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+
 from conftest import run_cli
 
 # Subcommands that write an output someone may want replaced, and those that report as they go.

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..errors import HpcLlamaError
 from ..model.quantized import check_group, dequantize, quantize, scheme_attrs
+from ..parallel.collectives import recv_activations, send_activations
 from .methods import (
     channels_to_keep,
     check_fraction,
@@ -330,50 +330,24 @@ def _arrays(entry) -> list[torch.Tensor]:
 
 
 def send_unit(comm, dest: int, records: dict) -> None:
-    """A unit's tensors to rank `dest`: a small header, then each array's raw bytes (no pickled tensors)."""
-    from ..checkpoint.tensors import TORCH_NAMES, numpy_view
+    """A unit's tensors to rank `dest`, a packed one as its data and parts with the attrs that say how to read it."""
+    from ..parallel.collectives import send_tensors
 
-    header = []
-    for name, entry in records.items():
-        arrays = _arrays(entry)
-        header.append({"name": name, "packed": isinstance(entry, Packed),
-                       "attrs": entry.attrs if isinstance(entry, Packed) else None,
-                       "roles": sorted(entry.parts) if isinstance(entry, Packed) else [],
-                       "arrays": [(TORCH_NAMES[a.dtype], list(a.shape)) for a in arrays]})
-    comm.send(header, dest=dest, tag=11)
-    for entry in records.values():
-        for a in _arrays(entry):
-            comm.Send(np.ascontiguousarray(numpy_view(a.contiguous())), dest=dest, tag=12)
+    send_tensors(comm, dest, ((name, _arrays(entry), (entry.attrs, sorted(entry.parts)) if isinstance(entry, Packed)
+                               else None) for name, entry in records.items()))
 
 
 def recv_unit(comm, source: int) -> dict:
-    from ..checkpoint.tensors import DTYPES
+    from ..parallel.collectives import recv_tensors
 
-    header = comm.recv(source=source, tag=11)
     out = {}
-    for h in header:
-        arrays = []
-        for dtype, shape in h["arrays"]:
-            np_dtype, t_dtype = DTYPES[dtype]
-            buf = np.empty(shape, np_dtype)
-            comm.Recv(buf, source=source, tag=12)
-            t = torch.from_numpy(buf)
-            arrays.append(t.view(t_dtype) if t.dtype != t_dtype else t)
-        if h["packed"]:
-            out[h["name"]] = Packed(arrays[0], dict(zip(h["roles"], arrays[1:])), h["attrs"])
+    for name, arrays, packed in recv_tensors(comm, source):
+        if packed is None:
+            out[name] = arrays[0]
         else:
-            out[h["name"]] = arrays[0]
+            attrs, roles = packed
+            out[name] = Packed(arrays[0], dict(zip(roles, arrays[1:])), attrs)
     return out
-
-
-def send_tensor(comm, dest: int, t: torch.Tensor) -> None:
-    comm.Send(np.ascontiguousarray(t.detach().float().numpy()), dest=dest, tag=13)
-
-
-def recv_tensor(comm, source: int, shape) -> torch.Tensor:
-    buf = np.empty(shape, np.float32)
-    comm.Recv(buf, source=source, tag=13)
-    return torch.from_numpy(buf)
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
@@ -434,7 +408,7 @@ def stage_input(comm, rank: int, model, tokens: torch.Tensor, batch: int, dim: i
             with torch.no_grad():
                 out.append(model.tok_embeddings(x).float())
         else:
-            out.append(recv_tensor(comm, rank - 1, (x.shape[0], x.shape[1], dim)))
+            out.append(recv_activations(comm, rank - 1, (x.shape[0], x.shape[1], dim)))
     return out
 
 
@@ -453,7 +427,7 @@ def calibrate(comm, rank: int, world: int, model, cfg, tokens: torch.Tensor, bat
             for h in hidden:
                 for block in model.layers.values():
                     h = run_layer(block, h, cfg)
-                send_tensor(comm, rank + 1, h)
+                send_activations(comm, rank + 1, h)
         for key, block in model.layers.items():
             stats = LayerStats()
             hooks = [block.get_submodule(path).register_forward_pre_hook(
@@ -487,7 +461,7 @@ def evaluate(comm, rank: int, world: int, models: dict, cfg, tokens: torch.Tenso
                     logprobs[name] = torch.log_softmax(model.head(h[:, :-1]).float(), dim=-1)
                 seconds[name] += time.perf_counter() - t0
                 if rank < world - 1:
-                    send_tensor(comm, rank + 1, h)
+                    send_activations(comm, rank + 1, h)
             if rank == world - 1:
                 lo, lc = logprobs["original"], logprobs["compressed"]
                 target = x[:, 1:, None]

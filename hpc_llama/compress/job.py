@@ -64,38 +64,61 @@ def run(args) -> int:
     import os
     import time
 
-    import torch
-
-    from ..atomic import atomic_path, check_destination
+    from ..atomic import check_destination
     from ..checkpoint import open_checkpoint
-    from ..checkpoint.base import unit_of
-    from ..checkpoint.h5 import FORMAT_VERSION, H5Writer
-    from ..checkpoint.hf import model_config_from_hf
-    from ..checkpoint.slices import check_structure, load_slice
+    from ..checkpoint.slices import check_structure
     from ..config import ParallelConfig
     from ..errors import HpcLlamaError
     from ..parallel.layout import stage_plans
     from ..parallel.ranks import start_rank, world_comm
     from ..tokenizer import Tokenizer
-    from .chain import (
-        PROJECTIONS,
-        Packed,
-        calibrate,
-        compress_layer,
-        compress_outer,
-        plan_steps,
-        recv_unit,
-        restrict,
-        send_unit,
-        token_windows,
-        unit_tensors,
-    )
+    from .chain import restrict
     from .methods import parse_layers
 
     t_start = time.time()
     comm = world_comm()
     info = start_rank(comm)
-    rank, world = info.rank, info.world_size
+    steps, targets, calibrated = _plan(args)
+    check_destination(args.output, args.overwrite)
+    reader = open_checkpoint(args.model)
+    check_structure(reader)
+    cfg = reader.config
+    if not os.path.abspath(args.output).endswith((".h5", ".hdf5")):
+        raise HpcLlamaError(f"{args.output}: the compressed checkpoint is one HDF5 file; name it .h5")
+    if args.layers is not None:
+        try:
+            steps = restrict(steps, parse_layers(args.layers, cfg.n_layers))
+        except ValueError as e:
+            raise HpcLlamaError(str(e)) from None
+    try:  # each rank compresses the layers a pipeline stage of its number would own
+        plans = stage_plans(cfg, ParallelConfig(pp=info.world_size, partition="compute"))
+    except HpcLlamaError as e:
+        raise HpcLlamaError(f"{info.world_size} ranks for a model of {cfg.n_layers} layers: {e}") from None
+    tokenizer = Tokenizer.from_checkpoint(reader)
+    eval_tokens = _windows(comm, args, tokenizer, cfg, args.eval, args.eval_len, args.eval_windows, "--eval") \
+        if args.eval else None
+    calib_tokens = _windows(comm, args, tokenizer, cfg, args.calib, args.calib_len, args.calib_samples, "--calib") \
+        if calibrated else None
+    units, results, shapes, lowrank, compute_s = _compress_own_units(comm, reader, plans[info.rank], steps, targets,
+                                                                     calib_tokens)
+    gathered = comm.gather((shapes, lowrank, compute_s), root=0)
+    new_cfg = _write(comm, args, reader, plans, steps, units, results, gathered)
+    if info.world_size > 1:
+        comm.Barrier()  # the file is complete before anyone reads it
+    evaluation = None
+    if eval_tokens is not None:
+        evaluation = _evaluate(comm, info.rank, info.world_size, plans[info.rank], reader, args.output, eval_tokens)
+    if info.rank == 0:
+        _summarise(args, reader, steps, new_cfg, gathered, evaluation, time.time() - t_start)
+    reader.close()
+    return 0
+
+
+def _plan(args):
+    """The chain of methods, the projections it applies to, and whether it calibrates; every flag checked."""
+    from ..errors import HpcLlamaError
+    from .chain import PROJECTIONS, plan_steps
+
     methods = [m.strip() for spec in args.method for m in spec.split(",") if m.strip()]
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     bad = [t for t in targets if t not in PROJECTIONS]
@@ -111,140 +134,145 @@ def run(args) -> int:
     for name in ("calib_samples", "calib_len", "eval_len", "eval_windows"):
         if getattr(args, name) < 1:
             raise HpcLlamaError(f"--{name.replace('_', '-')} must be at least 1")
-    check_destination(args.output, args.overwrite)
-    reader = open_checkpoint(args.model)
-    check_structure(reader)
-    cfg = reader.config
-    if not os.path.abspath(args.output).endswith((".h5", ".hdf5")):
-        raise HpcLlamaError(f"{args.output}: the compressed checkpoint is one HDF5 file; name it .h5")
-    if args.layers is not None:
+    return steps, targets, calibrated
+
+
+def _windows(comm, args, tokenizer, cfg, files, length, count, what):
+    """Token windows of calibration or evaluation text: rank 0 reads and tokenizes, every rank gets the same ids."""
+    from ..errors import HpcLlamaError
+    from .chain import token_windows
+
+    toks, err = None, None
+    if comm.Get_rank() == 0:
         try:
-            steps = restrict(steps, parse_layers(args.layers, cfg.n_layers))
-        except ValueError as e:
-            raise HpcLlamaError(str(e)) from None
-    try:
-        plans = stage_plans(cfg, ParallelConfig(pp=world, partition="compute"))
-    except HpcLlamaError as e:
-        raise HpcLlamaError(f"{world} ranks for a model of {cfg.n_layers} layers: {e}") from None
-    plan = plans[rank]
-    tokenizer = Tokenizer.from_checkpoint(reader)
+            toks = token_windows(files, tokenizer, cfg.bos_id, cfg.vocab_size, min(length, cfg.max_seq_len),
+                                 count, args.text_field, what)
+        except HpcLlamaError as e:
+            err = str(e)
+    if comm.Get_size() > 1:
+        toks, err = comm.bcast((toks, err), root=0)
+    if err:
+        raise HpcLlamaError(err)
+    return toks
 
-    def windows(files, length, count, what):
-        # Rank 0 reads and tokenizes; every rank gets the same token ids.
-        toks, err = None, None
-        if rank == 0:
-            try:
-                toks = token_windows(files, tokenizer, cfg.bos_id, cfg.vocab_size, min(length, cfg.max_seq_len),
-                                     count, args.text_field, what)
-            except HpcLlamaError as e:
-                err = str(e)
-        if comm is not None and world > 1:
-            toks, err = comm.bcast((toks, err), root=0)
-        if err:
-            raise HpcLlamaError(err)
-        return toks
 
-    eval_tokens = windows(args.eval, args.eval_len, args.eval_windows, "--eval") if args.eval else None
-    calib_tokens = windows(args.calib, args.calib_len, args.calib_samples, "--calib") if calibrated else None
+def _units(plan) -> list:
+    return (["embed"] if plan.embed else []) + list(plan.layers) + (["head"] if plan.head else [])
 
-    # --- this rank's units --------------------------------------------------
+
+def _compress_own_units(comm, reader, plan, steps, targets, calib_tokens):
+    """This rank's units (embedding, layers, head), compressed; with the shape changes and factorisations made."""
+    import time
+
+    import torch
+
+    from ..checkpoint.base import unit_of
+    from ..checkpoint.slices import load_slice
+    from .chain import calibrate, compress_layer, compress_outer, unit_tensors
+
     t0 = time.perf_counter()
-    units = (["embed"] if plan.embed else []) + list(plan.layers) + (["head"] if plan.head else [])
+    cfg = reader.config
+    units = _units(plan)
     names = {u: [n for n in reader.names() if unit_of(n) == u] for u in units}
-    stats = {}
-    if calibrated:
+    stats_iter = None
+    if calib_tokens is not None:
         original = load_slice(reader, plan.layers, plan.embed, head=False, device="cpu", dtype=torch.float32)
-        stats_iter = calibrate(comm, rank, world, original, cfg, calib_tokens)
+        stats_iter = calibrate(comm, comm.Get_rank(), comm.Get_size(), original, cfg, calib_tokens)
     results, shapes, lowrank = {}, {}, {}
     for u in units:
         tensors = unit_tensors(reader, names[u])
         if isinstance(u, int):
-            if calibrated:
+            stats = None
+            if stats_iter is not None:
                 layer, stats = next(stats_iter)
                 assert layer == u
             shape = {}
-            results[u] = compress_layer(u, tensors, cfg, steps, targets, stats if calibrated else None, shape, lowrank)
+            results[u] = compress_layer(u, tensors, cfg, steps, targets, stats, shape, lowrank)
             if shape:
                 shapes[str(u)] = shape
         else:
             results[u] = {n: compress_outer(n, t, steps) for n, t in tensors.items()}
-    compute_s = time.perf_counter() - t0
-    if calibrated:
-        del original, stats_iter
+    return units, results, shapes, lowrank, time.perf_counter() - t0
 
-    # --- rank 0 writes every rank's units, in model order ----------------------
-    gathered = comm.gather((shapes, lowrank, compute_s), root=0) if comm is not None and world > 1 else \
-        [(shapes, lowrank, compute_s)]
-    if rank == 0:
-        hf = dict(reader.hf_config)
-        ours = dict(hf.get("hpc_llama") or {})
-        layer_shapes = dict(ours.get("layer_shapes") or {})
-        factors = dict(ours.get("lowrank") or {})
-        for sh, lr, _ in gathered:
-            for k, v in sh.items():
-                layer_shapes[k] = {**layer_shapes.get(k, {}), **v}
-            factors.update(lr)
-        record = [{"method": s.method, **s.options} for s in steps]
-        ours.update(layer_shapes=dict(sorted(layer_shapes.items(), key=lambda kv: int(kv[0]))),
-                    lowrank=dict(sorted(factors.items())), compression=list(ours.get("compression", [])) + record)
-        hf["hpc_llama"] = ours
-        new_cfg = model_config_from_hf(hf)
-        with atomic_path(args.output, args.overwrite) as tmp:
-            w = H5Writer(tmp, hf, reader.assets(), version=FORMAT_VERSION)
-            try:
-                for r, p in enumerate(plans):
-                    for u in (["embed"] if p.embed else []) + list(p.layers) + (["head"] if p.head else []):
-                        records = results.pop(u) if r == 0 else recv_unit(comm, r)
-                        for n in sorted(records):
-                            e = records[n]
-                            if isinstance(e, Packed):
-                                w.add(n, e.data, e.attrs, e.parts)
-                            else:
-                                w.add(n, e)
-            finally:
-                w.close()
-            with open_checkpoint(tmp) as written:  # the file must describe a model every job can build
-                check_structure(written)
-    else:
+
+def _write(comm, args, reader, plans, steps, units, results, gathered):
+    """Rank 0 writes every rank's units into one file, in model order; the others send theirs.
+
+    Returns the new model config on rank 0 (None elsewhere).
+    """
+    from ..atomic import atomic_path
+    from ..checkpoint import open_checkpoint
+    from ..checkpoint.h5 import FORMAT_VERSION, H5Writer
+    from ..checkpoint.hf import model_config_from_hf
+    from ..checkpoint.slices import check_structure
+    from .chain import Packed, recv_unit, send_unit
+
+    if comm.Get_rank() != 0:
         for u in units:
             send_unit(comm, 0, results.pop(u))
-    if comm is not None and world > 1:
-        comm.Barrier()  # the file is complete before anyone reads it
+        return None
+    hf = dict(reader.hf_config)
+    ours = dict(hf.get("hpc_llama") or {})
+    layer_shapes = dict(ours.get("layer_shapes") or {})
+    factors = dict(ours.get("lowrank") or {})
+    for sh, lr, _ in gathered:
+        for k, v in sh.items():
+            layer_shapes[k] = {**layer_shapes.get(k, {}), **v}
+        factors.update(lr)
+    record = [{"method": s.method, **s.options} for s in steps]
+    ours.update(layer_shapes=dict(sorted(layer_shapes.items(), key=lambda kv: int(kv[0]))),
+                lowrank=dict(sorted(factors.items())), compression=list(ours.get("compression", [])) + record)
+    hf["hpc_llama"] = ours
+    with atomic_path(args.output, args.overwrite) as tmp:
+        w = H5Writer(tmp, hf, reader.assets(), version=FORMAT_VERSION)
+        try:
+            for r, p in enumerate(plans):
+                for u in _units(p):
+                    records = results.pop(u) if r == 0 else recv_unit(comm, r)
+                    for n in sorted(records):
+                        e = records[n]
+                        if isinstance(e, Packed):
+                            w.add(n, e.data, e.attrs, e.parts)
+                        else:
+                            w.add(n, e)
+        finally:
+            w.close()
+        with open_checkpoint(tmp) as written:  # the file must describe a model every job can build
+            check_structure(written)
+    return model_config_from_hf(hf)
 
-    summary = None
-    if rank == 0:
-        out_bytes = os.path.getsize(args.output)
-        summary = {"model": args.model, "output": os.path.abspath(args.output), "ranks": world,
-                   "methods": [{"method": s.method, **s.options} for s in steps],
-                   "parameters": {"original": cfg.n_params, "compressed": new_cfg.n_params},
-                   "bytes": {"original": sum(reader.info(n).stored_bytes for n in reader.names()),
-                             "original_fp32": _fp32_bytes(cfg), "compressed": out_bytes},
-                   "compress_seconds_per_rank": [round(g[2], 3) for g in gathered]}
-    if eval_tokens is not None:
-        report = _evaluate(comm, rank, world, plan, reader, args.output, eval_tokens)
-        if rank == 0:
-            summary["eval"] = report
-    if rank == 0:
-        from ..atomic import write_json_atomic
-        from ..progress import report
 
-        summary["seconds"] = round(time.time() - t_start, 3)
-        write_json_atomic(os.path.abspath(args.output) + ".summary.json", summary)
-        b, p = summary["bytes"], summary["parameters"]
-        report(f"compress: {'+'.join(s.method for s in steps)} on {world} rank(s): "
-               f"{b['original_fp32'] / 1e6:,.1f} MB as fp32 -> {b['compressed'] / 1e6:,.1f} MB "
-               f"({100 * b['compressed'] / b['original_fp32']:.1f}%), parameters {p['original'] / 1e6:.1f}M -> "
-               f"{p['compressed'] / 1e6:.1f}M; wrote {args.output}", args.quiet)
-        if eval_tokens is not None:
-            e = summary["eval"]
-            report(f"eval: {e['tokens']} tokens: perplexity {e['perplexity']['original']:.4f} -> "
-                   f"{e['perplexity']['compressed']:.4f} ({100 * e['perplexity_change']:+.2f}%), "
-                   f"KL {e['kl_mean']:.5f}, top-1 agreement {100 * e['top1_agreement']:.2f}%, "
-                   f"tokens/s {e['tokens_per_s']['original']:.0f} -> {e['tokens_per_s']['compressed']:.0f}, "
-                   f"resident {e['resident_bytes']['original'][0] / 1e6:.1f} -> "
-                   f"{e['resident_bytes']['compressed'][0] / 1e6:.1f} MB on rank 0", args.quiet)
-    reader.close()
-    return 0
+def _summarise(args, reader, steps, new_cfg, gathered, evaluation, seconds) -> None:
+    """Rank 0: OUT.summary.json and the report lines."""
+    import os
+
+    from ..atomic import write_json_atomic
+    from ..progress import report
+
+    cfg = reader.config
+    summary = {"model": args.model, "output": os.path.abspath(args.output), "ranks": len(gathered),
+               "methods": [{"method": s.method, **s.options} for s in steps],
+               "parameters": {"original": cfg.n_params, "compressed": new_cfg.n_params},
+               "bytes": {"original": sum(reader.info(n).stored_bytes for n in reader.names()),
+                         "original_fp32": _fp32_bytes(cfg), "compressed": os.path.getsize(args.output)},
+               "compress_seconds_per_rank": [round(g[2], 3) for g in gathered]}
+    if evaluation is not None:
+        summary["eval"] = evaluation
+    summary["seconds"] = round(seconds, 3)
+    write_json_atomic(os.path.abspath(args.output) + ".summary.json", summary)
+    b, p = summary["bytes"], summary["parameters"]
+    report(f"compress: {'+'.join(s.method for s in steps)} on {len(gathered)} rank(s): "
+           f"{b['original_fp32'] / 1e6:,.1f} MB as fp32 -> {b['compressed'] / 1e6:,.1f} MB "
+           f"({100 * b['compressed'] / b['original_fp32']:.1f}%), parameters {p['original'] / 1e6:.1f}M -> "
+           f"{p['compressed'] / 1e6:.1f}M; wrote {args.output}", args.quiet)
+    if evaluation is not None:
+        e = evaluation
+        report(f"eval: {e['tokens']} tokens: perplexity {e['perplexity']['original']:.4f} -> "
+               f"{e['perplexity']['compressed']:.4f} ({100 * e['perplexity_change']:+.2f}%), "
+               f"KL {e['kl_mean']:.5f}, top-1 agreement {100 * e['top1_agreement']:.2f}%, "
+               f"tokens/s {e['tokens_per_s']['original']:.0f} -> {e['tokens_per_s']['compressed']:.0f}, "
+               f"resident {e['resident_bytes']['original'][0] / 1e6:.1f} -> "
+               f"{e['resident_bytes']['compressed'][0] / 1e6:.1f} MB on rank 0", args.quiet)
 
 
 def _fp32_bytes(cfg) -> int:
@@ -265,7 +293,7 @@ def _evaluate(comm, rank, world, plan, reader, output, tokens) -> dict | None:
                   "compressed": load_slice(compressed, plan.layers, plan.embed, plan.head, "cpu", torch.float32)}
         resident = {k: resident_bytes(m) for k, m in models.items()}
         out = evaluate(comm, rank, world, models, reader.config, tokens)
-    rows = comm.gather((resident, out), root=0) if comm is not None and world > 1 else [(resident, out)]
+    rows = comm.gather((resident, out), root=0)
     if world > 1:
         # The totals live on the last rank; rank 0 reports them.
         sums = comm.bcast(out["sums"], root=world - 1)

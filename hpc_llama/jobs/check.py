@@ -80,7 +80,7 @@ def run(args) -> int:
                "layers": [plan.layers.start, plan.layers.stop], "read_MB": round(read_bytes / 1e6, 1),
                "setup_s": round(load_s, 3), "forward_s": round(forward_s, 3),
                "max_abs": worst if reference is not None else None}
-        rows = comm.gather(row, root=0) if comm is not None else [row]
+        rows = comm.gather(row, root=0)
         if info.rank == 0:
             for r in rows:
                 print(json.dumps(r))
@@ -93,8 +93,7 @@ def run(args) -> int:
             if bad:
                 raise HpcLlamaError(f"rank {bad[0]['rank']}: logits differ from the whole model by "
                                     f"{bad[0]['max_abs']:.3g} (> {tolerance:g})")
-        if comm is not None:
-            comm.Barrier()
+        comm.Barrier()
     finally:
         reader.close()
         stop_distributed()

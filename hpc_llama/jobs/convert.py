@@ -65,7 +65,7 @@ def run(args) -> int:
     from ..progress import report
 
     comm = world_comm()
-    if comm is not None and comm.Get_rank() != 0:
+    if comm.Get_rank() != 0:
         comm.Barrier()  # conversion is serial: the other ranks only wait for it
         return 0
     check_destination(args.dst, args.overwrite)
@@ -94,6 +94,6 @@ def run(args) -> int:
         report(f"wrote {args.dst} ({fmt}, {n} tensors, {reader.config.n_params / 1e6:.1f}M parameters)", args.quiet)
     finally:
         reader.close()
-        if comm is not None and comm.Get_size() > 1:
+        if comm.Get_size() > 1:
             comm.Barrier()
     return 0

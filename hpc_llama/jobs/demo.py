@@ -60,7 +60,7 @@ def run(args) -> int:
     from ..parallel.ranks import world_comm
 
     comm = world_comm()
-    if comm is not None and comm.Get_size() > 1:
+    if comm.Get_size() > 1:
         raise HpcLlamaError("run the demo as one process: it starts mpirun itself for the parallel steps")
     if min(args.lora_steps, args.steps, args.docs, args.new_tokens) < 1 or args.examples < 0:
         raise HpcLlamaError("--steps, --lora-steps, --docs and --new-tokens must be at least 1, --examples at least 0")

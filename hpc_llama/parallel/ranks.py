@@ -90,16 +90,15 @@ def check_slurm_world(world_size: int, environ) -> None:
 
 
 def describe_rank(comm=None, environ=None, cuda_count: int | None = None) -> RankInfo:
-    """Describe this rank. `comm` is an mpi4py communicator (COMM_WORLD when None and mpi4py is present)."""
+    """Describe this rank. `comm` is an mpi4py communicator (COMM_WORLD when None)."""
     environ = os.environ if environ is None else environ
-    if comm is None:
-        comm = world_comm()
-    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    comm = world_comm() if comm is None else comm
+    rank, size = comm.Get_rank(), comm.Get_size()
     launcher = _launcher(environ)
     check_slurm_world(size, environ)
     host = socket.gethostname()
     local = local_rank_from_env(environ, launcher)
-    if comm is not None and size > 1:
+    if size > 1:
         from mpi4py import MPI
 
         shared = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
@@ -135,11 +134,12 @@ def start_rank(comm=None) -> RankInfo:
 
 
 def world_comm():
-    """MPI.COMM_WORLD, or None when mpi4py is unavailable (a world of one)."""
+    """MPI.COMM_WORLD: a plain `python` start is a world of one, so every job speaks MPI the same way."""
     try:
         from mpi4py import MPI
-    except ImportError:
-        return None
+    except ImportError:  # a requirement of the package, but a broken MPI install shows up here
+        raise HpcLlamaError("mpi4py cannot be imported: install it (pip install mpi4py mpich, or build it "
+                            "against your cluster's MPI)") from None
     return MPI.COMM_WORLD
 
 
@@ -154,7 +154,7 @@ def start_distributed(info: RankInfo, comm, timeout_s: float = 600.0) -> None:
     import torch.distributed as dist
 
     backend = "nccl" if info.device.startswith("cuda") else "gloo"
-    hosts = comm.allgather(info.host) if comm is not None else [info.host]
+    hosts = comm.allgather(info.host)
     one_host = len(set(hosts)) == 1
     addr = "127.0.0.1" if one_host else os.environ.get("HPC_LLAMA_MASTER_ADDR", _routable_address())
     store = None
@@ -166,9 +166,7 @@ def start_distributed(info: RankInfo, comm, timeout_s: float = 600.0) -> None:
         addr_port = (addr, store.port)
     else:
         addr_port = None
-    if comm is not None:
-        addr_port = comm.bcast(addr_port, root=0)
-    addr, port = addr_port
+    addr, port = comm.bcast(addr_port, root=0)
     if store is None:
         store = dist.TCPStore(addr, port, info.world_size, is_master=False,
                               timeout=datetime.timedelta(seconds=timeout_s))
@@ -220,10 +218,12 @@ def run_guarded(main, argv=None, comm=None) -> int:
     than one rank the job is aborted through MPI so that ranks blocked in a
     collective end too, instead of waiting for a peer that will never come.
     """
-    if comm is None:
-        comm = world_comm()
-    size = comm.Get_size() if comm is not None else 1
-    rank = comm.Get_rank() if comm is not None else 0
+    try:
+        comm = world_comm() if comm is None else comm
+    except HpcLlamaError as e:
+        print(f"hpc-llama: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    size, rank = comm.Get_size(), comm.Get_rank()
     tag = f"[rank {rank}] " if size > 1 else ""
     try:
         return main(argv) or 0

@@ -46,9 +46,10 @@ class Ledger:
 
     def select(self, documents, dest: str, text_field: str, id_field: str) -> int:
         """Write the documents not in the ledger (each content once) to `dest` as JSONL; returns how many."""
+        from ..atomic import open_atomic
+
         seen, n = set(), 0
-        tmp = dest + ".tmp"
-        with open(tmp, "w") as f:
+        with open_atomic(dest) as f:
             for doc in documents:
                 key = content_key(doc.text, doc.input_ids)
                 if key in self.keys or key in seen:
@@ -61,9 +62,6 @@ class Ledger:
                     rec["input_ids"] = list(doc.input_ids)
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
         return n
 
     def record(self, documents, label: str) -> int:

@@ -65,7 +65,7 @@ def run(args) -> int:
     from .records import SCORE_COLUMNS
 
     comm = world_comm()
-    if comm is not None and comm.Get_size() > 1:
+    if comm.Get_size() > 1:
         raise HpcLlamaError("merge runs as one process")
     fmt = output_format(args.output, args.format)
     out = os.path.abspath(args.output)

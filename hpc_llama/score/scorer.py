@@ -80,7 +80,7 @@ class Scorer:
     def rank_stats(self) -> list[dict] | None:
         """Every rank's load statistics and peak memory, on rank 0."""
         mine = dict(self.load_stats, peak_rss=peak_rss())
-        return self.comm.gather(mine, root=0) if self.comm is not None else [mine]
+        return self.comm.gather(mine, root=0)
 
     # --- running -------------------------------------------------------------
 

@@ -74,8 +74,7 @@ def run(args) -> int:
                 "init": reader.fingerprint() if args.init else None, "zero": zero, "dtype": str(dtype)}
     if info.rank == 0:
         _prepare_run_dir(run_dir, snapshot, args)
-    if comm is not None:
-        comm.Barrier()
+    comm.Barrier()
     start_distributed(info, comm, parallel.timeout_s)
     stop = _StopFlag()
     try:
@@ -148,7 +147,7 @@ def _verify_shards(data_dir, manifest, info, comm):
                 data._shard(i)
             except HpcLlamaError as e:
                 problem = problem or str(e)
-    problems = comm.allgather(problem) if comm is not None else [problem]
+    problems = comm.allgather(problem)
     first = next((p for p in problems if p), None)
     if first:
         raise HpcLlamaError(first)
@@ -169,7 +168,7 @@ class _StopFlag:
         self.raised, self.name = True, signal.Signals(signum).name
 
     def agreed(self, comm) -> bool:
-        if comm is None or comm.Get_size() == 1:
+        if comm.Get_size() == 1:
             return self.raised
         from mpi4py import MPI
 
@@ -243,6 +242,7 @@ def _prepare_run_dir(run_dir, snapshot, args):
     import os
     import shutil
 
+    from ..atomic import write_json_atomic
     from ..errors import HpcLlamaError
 
     path = os.path.join(run_dir, "config.json")
@@ -260,9 +260,7 @@ def _prepare_run_dir(run_dir, snapshot, args):
                 raise HpcLlamaError(f"{args.out} belongs to a run with a different {what}: refusing to resume into it")
             return
     os.makedirs(run_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(snapshot, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, snapshot, sort_keys=True)
 
 
 def _has_checkpoint(ckpt_dir: str) -> bool:
@@ -297,27 +295,25 @@ def _evaluate(trainer, data, tcfg, dp, all_sequences=False):
 
 def _export(trainer, reader, run_dir, tcfg, info):
     """final.h5 (or adapters.h5), written by rank 0 stage by stage, then renamed into place."""
+    import contextlib
     import json
     import os
 
+    from ..atomic import atomic_path
     from ..checkpoint.h5 import H5Writer
     from .trainer import stream_export
 
     merged = tcfg.export == "merged" or not tcfg.lora_rank
-    name = "final.h5" if merged else "adapters.h5"
-    path = os.path.join(run_dir, name)
-    writer = None
-    if info.rank == 0:
-        meta = {"trained_by": {"lora_rank": tcfg.lora_rank, "lora_alpha": tcfg.lora_alpha,
-                               "lora_targets": list(tcfg.lora_targets), "merged": merged}}
-        writer = H5Writer(path + ".tmp", reader.hf_config, reader.assets(), meta={"training": json.dumps(meta)})
-    try:
+    path = os.path.join(run_dir, "final.h5" if merged else "adapters.h5")
+    with contextlib.ExitStack() as on_rank_0:
+        writer = None
+        if info.rank == 0:
+            meta = {"trained_by": {"lora_rank": tcfg.lora_rank, "lora_alpha": tcfg.lora_alpha,
+                                   "lora_targets": list(tcfg.lora_targets), "merged": merged}}
+            tmp = on_rank_0.enter_context(atomic_path(path, overwrite=True))
+            writer = on_rank_0.enter_context(contextlib.closing(
+                H5Writer(tmp, reader.hf_config, reader.assets(), meta={"training": json.dumps(meta)})))
         stream_export(trainer, writer, merged)
-    finally:
-        if writer is not None:
-            writer.close()
-    if info.rank == 0:
-        os.replace(path + ".tmp", path)
 
 
 def _finish(run_dir, metrics, manifest, test_loss, tcfg, test_data, trainable):

@@ -34,19 +34,18 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    import json
+    import contextlib
     import os
-    import shutil
 
     import numpy as np
 
-    from ..atomic import check_destination
+    from ..atomic import atomic_path
     from ..documents import Fields, expand_inputs, read_documents, scan_inputs
     from ..errors import HpcLlamaError
     from ..parallel.ranks import start_rank, world_comm
     from ..progress import report
     from ..tokenizer import Tokenizer
-    from .data import FORMAT, FORMAT_VERSION, parse_split, unigram_entropy, write_shard
+    from .data import parse_split, write_shard
 
     comm = world_comm()
     info = start_rank(comm)
@@ -56,70 +55,74 @@ def run(args) -> int:
     fields = Fields(args.text_field or ("prompt" if args.task else "text"), "id",
                     args.response_field if args.task else None)
     files = expand_inputs(args.input)
-    dst = os.path.abspath(args.output)
-    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.partial")
-    state = None
-    if info.rank == 0:
-        check_destination(dst, args.overwrite)
-        skipped: list[str] = []
-        files, _ = scan_inputs(files, fields, None, True, on_error=skipped.append if args.skip_bad else None)
-        tok_json = _tokenizer_json(args, files, fields, fractions, skipped)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        state = (files, tok_json, len(skipped), skipped[:5])
-    files, tok_json, n_skipped, skipped_examples = comm.bcast(state) if comm is not None else state
-    tok = Tokenizer(tok_json.encode(), 1 << 31)
-    vocab = tok.tok.get_vocab_size(with_added_tokens=True)
-    bos, eos = _special(tok, "bos"), _special(tok, "eos")
-    entries, unigram = [], np.zeros(vocab, dtype=np.int64)
-    chunk, k = [], 0
-    docs = read_documents(files, fields, on_error=(lambda e: None) if args.skip_bad else None)
-    for doc in _with_end(docs):
-        if doc is not None:
-            chunk.append(doc)
-        if chunk and (len(chunk) == args.chunk_docs or doc is None):
-            if k % info.world_size == info.rank:
-                parts = _tokenize_chunk(chunk, tok, bos, eos, args.seed, fractions, args.task)
-                entry = write_shard(os.path.join(tmp, f"shard-{k:06d}.h5"), parts, vocab)
-                entries.append((k, entry))
-                for tokens, _ in parts["train"]:
-                    unigram += np.bincount(tokens, minlength=vocab)[:vocab]
-            chunk, k = [], k + 1
-    all_entries = comm.gather(entries) if comm is not None else [entries]
-    if comm is not None:
+    with contextlib.ExitStack() as on_rank_0:  # the directory appears whole, renamed into place by rank 0
+        state = None
+        if info.rank == 0:
+            tmp = on_rank_0.enter_context(atomic_path(args.output, args.overwrite))
+            skipped: list[str] = []
+            files, _ = scan_inputs(files, fields, None, True, on_error=skipped.append if args.skip_bad else None)
+            tok_json = _tokenizer_json(args, files, fields, fractions, skipped)
+            os.makedirs(tmp)
+            state = (tmp, files, tok_json, len(skipped), skipped[:5])
+        tmp, files, tok_json, n_skipped, skipped_examples = comm.bcast(state)
+        tok = Tokenizer(tok_json.encode(), 1 << 31)
+        vocab = tok.tok.get_vocab_size(with_added_tokens=True)
+        bos, eos = _special(tok, "bos"), _special(tok, "eos")
+        entries, unigram = [], np.zeros(vocab, dtype=np.int64)
+        chunk, k = [], 0
+        docs = read_documents(files, fields, on_error=(lambda e: None) if args.skip_bad else None)
+        for doc in _with_end(docs):
+            if doc is not None:
+                chunk.append(doc)
+            if chunk and (len(chunk) == args.chunk_docs or doc is None):
+                if k % info.world_size == info.rank:
+                    parts = _tokenize_chunk(chunk, tok, bos, eos, args.seed, fractions, args.task)
+                    entry = write_shard(os.path.join(tmp, f"shard-{k:06d}.h5"), parts, vocab)
+                    entries.append((k, entry))
+                    for tokens, _ in parts["train"]:
+                        unigram += np.bincount(tokens, minlength=vocab)[:vocab]
+                chunk, k = [], k + 1
+        all_entries = comm.gather(entries)
         total = np.zeros_like(unigram) if info.rank == 0 else None
         comm.Reduce(unigram, total, root=0)
-        unigram = total
+        if info.rank == 0:
+            done = _write_manifest(args, tmp, files, tok_json, fractions, vocab, bos, eos, total, n_skipped,
+                                   skipped_examples, [e for _, e in sorted(x for part in all_entries for x in part)])
     if info.rank == 0:
-        shards = [e for _, e in sorted(x for part in all_entries for x in part)]
-        totals = {s: {"documents": sum(e["splits"][s]["documents"] for e in shards),
-                      "tokens": sum(e["splits"][s]["tokens"] for e in shards)} for s in ("train", "val", "test")}
-        if totals["train"]["documents"] == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise HpcLlamaError(f"no text in {', '.join(f.path for f in files)}: nothing to train on")
-        with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
-            f.write(tok_json)
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "task" if args.task else "text",
-                    "vocab_size": vocab, "bos_id": bos, "eos_id": eos, "pad_id": 0, "seed": args.seed,
-                    "split": list(fractions), "chunk_docs": args.chunk_docs, "totals": totals,
-                    "train_unigram_entropy": unigram_entropy(unigram), "skipped_documents": n_skipped,
-                    "skipped_examples": skipped_examples,
-                    "inputs": [{"path": os.path.abspath(f.path), "bytes": f.size, "xxh3": f.xxh3} for f in files],
-                    "tokenizer": "tokenizer.json", "shards": shards}
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=1)
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-        t = totals
-        report(f"wrote {args.output}: {len(shards)} shards; train {t['train']['documents']} documents / "
-              f"{t['train']['tokens']} tokens, val {t['val']['documents']} / {t['val']['tokens']}, "
-              f"test {t['test']['documents']} / {t['test']['tokens']}; vocabulary {vocab}; unigram baseline "
-              f"{manifest['train_unigram_entropy']:.3f} nats/token" + (f"; skipped {n_skipped} unreadable" if n_skipped else ""),
-               args.quiet)
-    if comm is not None:
-        comm.Barrier()
+        report(done, args.quiet)
+    comm.Barrier()
     return 0
+
+
+def _write_manifest(args, tmp, files, tok_json, fractions, vocab, bos, eos, unigram, n_skipped, skipped_examples,
+                    shards) -> str:
+    """Rank 0: the tokenizer and manifest.json beside the shards; returns the line that reports the result."""
+    import json
+    import os
+
+    from ..errors import HpcLlamaError
+    from .data import FORMAT, FORMAT_VERSION, unigram_entropy
+
+    totals = {s: {"documents": sum(e["splits"][s]["documents"] for e in shards),
+                  "tokens": sum(e["splits"][s]["tokens"] for e in shards)} for s in ("train", "val", "test")}
+    if totals["train"]["documents"] == 0:
+        raise HpcLlamaError(f"no text in {', '.join(f.path for f in files)}: nothing to train on")
+    with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
+        f.write(tok_json)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "task" if args.task else "text",
+                "vocab_size": vocab, "bos_id": bos, "eos_id": eos, "pad_id": 0, "seed": args.seed,
+                "split": list(fractions), "chunk_docs": args.chunk_docs, "totals": totals,
+                "train_unigram_entropy": unigram_entropy(unigram), "skipped_documents": n_skipped,
+                "skipped_examples": skipped_examples,
+                "inputs": [{"path": os.path.abspath(f.path), "bytes": f.size, "xxh3": f.xxh3} for f in files],
+                "tokenizer": "tokenizer.json", "shards": shards}
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    t = totals
+    return (f"wrote {args.output}: {len(shards)} shards; train {t['train']['documents']} documents / "
+            f"{t['train']['tokens']} tokens, val {t['val']['documents']} / {t['val']['tokens']}, "
+            f"test {t['test']['documents']} / {t['test']['tokens']}; vocabulary {vocab}; unigram baseline "
+            f"{manifest['train_unigram_entropy']:.3f} nats/token" + (f"; skipped {n_skipped} unreadable" if n_skipped else ""))
 
 
 def _with_end(it):

@@ -14,7 +14,6 @@ import math
 import os
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -192,7 +191,7 @@ class Trainer:
         return self._sum(local)
 
     def _sum(self, x: float) -> float:
-        if self.comm is None or self.info.world_size == 1:
+        if self.info.world_size == 1:
             return x
         from mpi4py import MPI
 
@@ -204,7 +203,7 @@ class Trainer:
         params = [p for n, p in self.model.named_parameters()
                   if not (n == "output.weight" and self.cfg.tie_embeddings and self.model.tok_embeddings is None)]
         mine = [sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params if not p.requires_grad)]
-        if self.comm is not None and self.info.world_size > 1:
+        if self.info.world_size > 1:
             rows = self.comm.allgather((self.replica, mine))
             mine = [sum(m[i] for r, m in rows if r == 0) for i in range(2)]
         return {"trainable": mine[0], "frozen": mine[1]}
@@ -222,8 +221,7 @@ class Trainer:
     def save(self, ckpt_dir: str, step: int, keep: int) -> None:
         with contextlib.redirect_stdout(io.StringIO()):
             self.engine.save_checkpoint(ckpt_dir, tag=f"step-{step:07d}", client_state={"step": step})
-        if self.comm is not None:
-            self.comm.Barrier()
+        self.comm.Barrier()
         if self.info.rank == 0 and keep > 0:
             import shutil
 
@@ -279,32 +277,25 @@ class Trainer:
 def stream_export(trainer: Trainer, writer, merged: bool) -> None:
     """Rank 0 writes every stage's tensors, stage by stage, one tensor in memory at a time.
 
-    Each stage's replica-0 rank sends its tensors to rank 0 (metadata with a
-    small pickled send, the bytes with Send on a numpy buffer, a None name to
-    end). With ZeRO-3 every rank takes part in gathering each module in turn.
+    Each stage's replica-0 rank streams its tensors to rank 0
+    (parallel.collectives.send_tensors). With ZeRO-3 every rank takes part in
+    gathering each module in turn.
     """
-    from ..checkpoint.tensors import numpy_view
+    from ..parallel.collectives import recv_tensors, send_tensors
 
     comm, info = trainer.comm, trainer.info
     zero3 = trainer.zero == 3 and trainer.pp == 1
     for stage in range(trainer.pp):
         owner = stage * trainer.dp  # replica 0 of the stage
-        if info.rank == owner or zero3:
+        if info.rank == owner == 0 or (zero3 and info.rank == 0):
             for name, t in trainer.export_items(merged):
-                if info.rank == 0:
-                    writer.add(name, t)
-                elif info.rank == owner:
-                    comm.send((name, str(t.dtype).replace("torch.", ""), tuple(t.shape)), dest=0, tag=2)
-                    comm.Send(np.ascontiguousarray(numpy_view(t)), dest=0, tag=3)
-            if info.rank == owner and owner != 0:
-                comm.send((None, None, None), dest=0, tag=2)
-        elif info.rank == 0:
-            while True:
-                name, dtype, shape = comm.recv(source=owner, tag=2)
-                if name is None:
-                    break
-                t = torch.empty(shape, dtype=getattr(torch, dtype))
-                comm.Recv(numpy_view(t), source=owner, tag=3)
                 writer.add(name, t)
-        if comm is not None:
-            comm.Barrier()
+        elif info.rank == owner:
+            send_tensors(comm, 0, ((name, [t], None) for name, t in trainer.export_items(merged)))
+        elif zero3:
+            for _ in trainer.export_items(merged):  # every rank takes part in gathering each module
+                pass
+        elif info.rank == 0:
+            for name, (t,), _ in recv_tensors(comm, owner):
+                writer.add(name, t)
+        comm.Barrier()

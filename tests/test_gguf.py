@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
-from test_checkpoint import one_line_error
+from helpers.run import one_line_error, run_cli
 
 gguf = pytest.importorskip("gguf", reason="the gguf package reads llama.cpp files; it is in the default install")
 

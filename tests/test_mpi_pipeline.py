@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import make_hf_model
+from helpers.models import make_hf_model
 
 pytestmark = pytest.mark.mpi(min_size=2)
 

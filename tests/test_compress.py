@@ -110,6 +110,7 @@ def test_gptq_with_a_diagonal_hessian_is_round_to_nearest():
     h = torch.diag(torch.rand(64, generator=g) + 0.5).double()
     got = gptq_int4(w, h, 16, damp=0.0)
     want = quantize_int4_group(w, 16)
+    assert len(got) == len(want) == 3  # packed codes, scales, offsets
     for x, y in zip(got, want):
         assert torch.equal(x, y)
 
@@ -376,7 +377,7 @@ def test_layers_limits_the_chain_and_leaves_the_others_as_they_were(models, tmp_
         run_job(pp, "score", "--model", one, "--input", str(inp), "--output", str(out), "--pp", str(pp),
                 "--context", "64", "--quiet")
         outs.append([json.loads(line) for line in open(out)])
-    assert len(outs[0]) == 3
+    assert len(outs[0]) == len(outs[1]) == 3
     assert max(abs(a["loglik"] - b["loglik"]) for a, b in zip(*outs)) <= 1e-4
 
 
@@ -412,6 +413,7 @@ def test_compressed_checkpoint_gives_the_same_numbers_at_pp_1_2_4(models, chaine
         out = tmp_path / f"{job}-{n}.jsonl"
         run_job(n, job, "--model", chained, "--input", inp, "--output", out, "--pp", n, "--quiet", *extra)
         outs[n] = [json.loads(line) for line in open(out)]
+    assert [len(outs[n]) for n in (1, 2, 4)] == [3, 3, 3]
     for n in (2, 4):
         if job == "score":
             assert max(abs(a["loglik"] - b["loglik"]) for a, b in zip(outs[1], outs[n])) <= 1e-4

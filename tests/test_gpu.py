@@ -29,6 +29,7 @@ def test_score_on_gpu_matches_cpu(tmp_path, hf_dirs, tokenizer_json):
     run_cli("score", *common, "--output", tmp_path / "cpu.jsonl", env={"HPC_LLAMA_DEVICE": "cpu"}, check=True)
     run_cli("score", *common, "--output", tmp_path / "gpu.jsonl", check=True)
     a, b = read_jsonl(tmp_path / "cpu.jsonl"), read_jsonl(tmp_path / "gpu.jsonl")
+    assert len(a) == len(b) == 20
     assert max(abs(x["loglik"] - y["loglik"]) for x, y in zip(a, b)) <= 1e-3
     summary = json.load(open(str(tmp_path / "gpu.jsonl") + ".summary.json"))
     assert summary["layout"]["device"] == "cuda:0"

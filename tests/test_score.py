@@ -270,6 +270,7 @@ def test_each_rank_reads_only_its_own_layers(tmp_path):
     ranks = json.load(open(str(out) + ".summary.json"))["ranks"]
     reader = open_checkpoint(str(model))
     plans = stage_plans(reader.config, ParallelConfig(pp=4))
+    assert [r["rank"] for r in ranks] == [0, 1, 2, 3] and len(plans) == 4
     total = sum(reader.info(n).nbytes for n in reader.names())
     for r, plan in zip(ranks, plans):
         own = sum(reader.info(n).nbytes for n in slice_sources(reader, plan.layers, plan.embed, plan.head))
@@ -284,7 +285,7 @@ def test_bf16_scoring_runs_and_stays_close_to_fp32(model_dir, mixed_docs, tmp_pa
     score(1, model_dir, mixed_docs, tmp_path / "fp32.jsonl")
     score(2, model_dir, mixed_docs, tmp_path / "bf16.jsonl", "--dtype", "bf16", pp=2)
     a, b = read_jsonl(tmp_path / "fp32.jsonl"), read_jsonl(tmp_path / "bf16.jsonl")
-    assert [r["n_tokens"] for r in a] == [r["n_tokens"] for r in b]
+    assert len(a) == len(read_jsonl(mixed_docs)) and [r["n_tokens"] for r in a] == [r["n_tokens"] for r in b]
     for x, y in zip(a, b):
         assert abs(x["loglik"] - y["loglik"]) <= 0.02 * abs(x["loglik"]) + 0.1
     assert json.load(open(str(tmp_path / "bf16.jsonl") + ".summary.json"))["layout"]["dtype"] == "bfloat16"

@@ -117,7 +117,8 @@ def test_generate_template_on_two_nodes(slurm, scored_model, tmp_path):
                        "--export=ALL", os.path.join(ROOT, "slurm", "generate.sbatch"), env=env)
     info = slurm.wait(job)
     assert info["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()
-    assert [r["tokens"] for r in read_jsonl(out)] == [r["tokens"] for r in read_jsonl(tmp_path / "one.jsonl")]
+    one = read_jsonl(tmp_path / "one.jsonl")
+    assert len(one) == 12 and [r["tokens"] for r in read_jsonl(out)] == [r["tokens"] for r in one]
     summary = json.load(open(str(out) + ".summary.json"))
     assert summary["layout"]["pp"] == 2 and summary["layout"]["dp"] == 2
 

@@ -1,0 +1,119 @@
+"""generate/sampling.py in process: greedy, temperature, top-k, top-p on logits small enough to check by hand."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from hpc_llama.generate.sampling import SamplingConfig, find_stop, next_token, sequence_generator
+
+# Token 3 has probability 1/2, token 0 1/4, tokens 1 and 2 1/8 each (at temperature 1). Sorted most likely
+# first (ties in token order), the cumulative probabilities are 3: 0.5, 0: 0.75, 1: 0.875, 2: 1.
+LOGITS = torch.log(torch.tensor([0.25, 0.125, 0.125, 0.5], dtype=torch.float64))
+
+
+def inverse_cdf(u, tokens, cumulative):
+    """The definition next_token follows: the first token whose cumulative probability exceeds u."""
+    return next(t for t, c in zip(tokens, cumulative) if u < c)
+
+
+def draws(seeds):
+    """(generator for next_token, the uniform number it will draw) for each seed."""
+    for seed in seeds:
+        u = torch.rand((), generator=torch.Generator().manual_seed(seed), dtype=torch.float64).item()
+        yield torch.Generator().manual_seed(seed), u
+
+
+def test_temperature_zero_is_argmax():
+    cfg = SamplingConfig()
+    assert next_token(torch.tensor([0.1, 2.0, -1.0, 1.9]), cfg, None) == 1
+    assert next_token(LOGITS, cfg, None) == 3
+    assert next_token(torch.tensor([0.5, 2.0, 2.0]), cfg, None) == 1  # a tie: the first
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(temperature=1.5, top_k=1), SamplingConfig(temperature=1.5, top_p=1e-6)])
+def test_top_k_1_and_a_tiny_top_p_keep_only_the_best(cfg):
+    assert {next_token(LOGITS, cfg, g) for g, _ in draws(range(20))} == {3}
+
+
+@pytest.mark.parametrize("cfg, tokens, cumulative", [
+    (SamplingConfig(temperature=1.0), [3, 0, 1, 2], [0.5, 0.75, 0.875, 1.0]),
+    # top-k 2 keeps 3 and 0, renormalised: 2/3 and 1/3.
+    (SamplingConfig(temperature=1.0, top_k=2), [3, 0], [2 / 3, 1.0]),
+    # top-p 0.7: 0.5 does not reach it, 0.75 does: the same two tokens.
+    (SamplingConfig(temperature=1.0, top_p=0.7), [3, 0], [2 / 3, 1.0]),
+    # top-p 0.8 needs three tokens (0.875), renormalised: 4/7, 2/7, 1/7.
+    (SamplingConfig(temperature=1.0, top_p=0.8), [3, 0, 1], [4 / 7, 6 / 7, 1.0]),
+])
+def test_a_draw_is_the_inverse_cdf_of_one_uniform_number(cfg, tokens, cumulative):
+    seen = set()
+    for g, u in draws(range(40)):
+        if min(abs(u - c) for c in cumulative) < 1e-9:
+            continue  # too close to a boundary to call by hand
+        want = inverse_cdf(u, tokens, cumulative)
+        assert next_token(LOGITS, cfg, g) == want, u
+        seen.add(want)
+    assert seen == set(tokens)  # 40 draws reached every token kept
+
+
+def test_temperature_divides_the_logits():
+    # [0, 2 ln 3] at temperature 2 is [0, ln 3] at 1: probabilities 1/4 and 3/4, token 1 first.
+    hot = SamplingConfig(temperature=2.0)
+    for g, u in draws(range(30)):
+        assert next_token(torch.tensor([0.0, 2 * math.log(3)], dtype=torch.float64), hot, g) == (1 if u < 0.75 else 0)
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_many_draws_follow_the_softmax(top_k):
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5])
+    cfg = SamplingConfig(temperature=0.8, top_k=top_k)
+    p = torch.softmax(logits.double() / 0.8, 0)
+    if top_k:  # only the two largest logits (tokens 0 and 3) stay, renormalised
+        p = torch.where(torch.tensor([True, False, False, True]), p, torch.zeros_like(p))
+        p = p / p.sum()
+    n = 4000
+    g = torch.Generator().manual_seed(11)
+    counts = torch.bincount(torch.tensor([next_token(logits, cfg, g) for _ in range(n)]), minlength=4)
+    # Binomial standard deviation sqrt(p (1 - p) / n) is at most 0.008 here: 4 of them is 0.032.
+    assert (counts / n - p).abs().max().item() < 0.032, (counts / n, p)
+    if top_k:
+        assert counts[1] == counts[2] == 0
+
+
+def test_a_sequences_generator_depends_only_on_seed_and_index():
+    first = torch.rand(5, generator=sequence_generator(7, 3))
+    torch.manual_seed(123)  # the global generator, and other sequences' draws, do not matter
+    torch.rand(5, generator=sequence_generator(7, 4))
+    assert torch.equal(torch.rand(5, generator=sequence_generator(7, 3)), first)
+    assert not torch.equal(torch.rand(5, generator=sequence_generator(7, 4)), first)
+    assert not torch.equal(torch.rand(5, generator=sequence_generator(8, 3)), first)
+
+
+@pytest.mark.parametrize("text, stops, where", [
+    ("abc STOP xyz END", ("END", "STOP"), 4),  # the earliest hit, whatever order the stops are given in
+    ("xabcd", ("bc", "abcd"), 1),
+    ("abc", ("zz",), None),
+    ("abc", ("",), None),  # an empty stop string never matches
+    ("", ("a",), None),
+])
+def test_find_stop(text, stops, where):
+    assert find_stop(text, stops) == where
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"temperature": -0.1}, "temperature must not be negative, got -0.1"),
+    ({"top_k": -1}, "top-k must not be negative, got -1"),
+    ({"top_p": 0.0}, r"top-p must be in \(0, 1\], got 0.0"),
+    ({"top_p": 1.5}, r"top-p must be in \(0, 1\], got 1.5"),
+])
+def test_sampling_config_refuses_bad_values(kw, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**kw)
+
+
+def test_sampling_config_defaults_are_greedy_and_frozen():
+    cfg = SamplingConfig(temperature=0, top_k=0, top_p=1.0)
+    assert cfg == SamplingConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.top_k = 3

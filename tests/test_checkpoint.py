@@ -19,7 +19,8 @@ from hpc_llama.errors import HpcLlamaError
 from hpc_llama.parallel.layout import layer_partition
 from hpc_llama.procstats import bytes_read
 
-from conftest import make_hf_model
+from helpers.models import make_hf_model
+from helpers.run import one_line_error, run_cli
 
 
 def state(reader):
@@ -155,7 +156,7 @@ def test_one_stage_of_four_reads_only_its_own_bytes(tmp_path):
     assert expected < total / 2
 
 
-# --- bad input: one line, non-zero exit, nothing written -----------------------------------
+# --- bad input: one line, exit 2, nothing written ------------------------------------------
 
 
 def _flip_byte(path, tensor, where=100):
@@ -184,15 +185,6 @@ def test_flipped_bytes_are_caught_naming_the_tensor(h5_path):
         load_slice(r, range(2, 4), False, True)
 
 
-def one_line_error(p, *needles):
-    assert p.returncode != 0, p.stdout
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("hpc-llama: error:"), lines[0]
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def outputs_in(d):
     return sorted(os.listdir(d))
 
@@ -205,8 +197,6 @@ def outputs_in(d):
     ("model_type", "model_type 'mistral' is not supported"),
 ])
 def test_damaged_checkpoints_fail_cleanly(h5_path, tmp_path, damage, needle):
-    from conftest import run_cli
-
     if damage == "flip":
         _flip_byte(h5_path, "layers.1.attention.wv.weight")
     elif damage == "truncate":
@@ -231,8 +221,6 @@ def test_damaged_checkpoints_fail_cleanly(h5_path, tmp_path, damage, needle):
 
 
 def test_bad_inputs_fail_cleanly(hf_dirs, h5_path, tmp_path):
-    from conftest import run_cli
-
     no_config = tmp_path / "noconfig"
     shutil.copytree(hf_dirs["llama2"], no_config)
     os.remove(no_config / "config.json")
@@ -252,16 +240,12 @@ def test_bad_inputs_fail_cleanly(hf_dirs, h5_path, tmp_path):
 
 
 def test_force_replaces_an_existing_destination(hf_dirs, h5_path):
-    from conftest import run_cli
-
     run_cli("convert", hf_dirs["llama2"], h5_path, "--force", check=True)
     with open_checkpoint(h5_path) as r:
         assert r.config.n_kv_heads == 4  # the llama2 model, not the llama3 one it replaced
 
 
 def test_inspect_reports_stages_and_verifies(h5_path):
-    from conftest import run_cli
-
     p = run_cli("inspect", h5_path, "--pp", "2", "--verify", "--json", check=True)
     s = json.loads(p.stdout)
     assert s["verify"]["checksums"] and s["verify"]["tensors"] == s["tensors"]

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from conftest import run_cli
+from helpers.run import run_cli
 
 # Subcommands that write an output someone may want replaced, and those that report as they go.
 WRITERS = ("convert", "init", "score", "merge", "generate", "prepare", "train", "compress", "demo")

@@ -12,10 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, make_hf_model, run_cli, run_mpi
-
-HPC = os.path.join(BIN, "hpc-llama")
-
 from hpc_llama.compress.chain import plan_steps
 from hpc_llama.compress.methods import (
     channels_to_keep,
@@ -31,6 +27,9 @@ from hpc_llama.compress.methods import (
 from hpc_llama.errors import HpcLlamaError
 from hpc_llama.model.llama import ModelConfig, Transformer, layer_param_counts
 from hpc_llama.model.quantized import dequantize_int4_group, quantize_int4_group
+
+from helpers.models import make_hf_model
+from helpers.run import one_line_error, run_cli, run_job
 
 # --- arithmetic ----------------------------------------------------------------
 
@@ -111,6 +110,7 @@ def test_gptq_with_a_diagonal_hessian_is_round_to_nearest():
     h = torch.diag(torch.rand(64, generator=g) + 0.5).double()
     got = gptq_int4(w, h, 16, damp=0.0)
     want = quantize_int4_group(w, 16)
+    assert len(got) == len(want) == 3  # packed codes, scales, offsets
     for x, y in zip(got, want):
         assert torch.equal(x, y)
 
@@ -198,9 +198,7 @@ def models(hf_dirs, tokenizer_json, tmp_path_factory):
 
 
 def _compress(src, dst, *args, n=1, check=True):
-    cmd = (HPC, "compress", "--model", src, "--output", dst, *args)
-    p = run_mpi(n, *cmd, check=check) if n > 1 else run_cli(*cmd[1:], check=check)
-    return p
+    return run_job(n, "compress", "--model", src, "--output", dst, *args, check=check)
 
 
 def _hf_with(hf_dir, tensors: dict):
@@ -376,10 +374,10 @@ def test_layers_limits_the_chain_and_leaves_the_others_as_they_were(models, tmp_
     outs = []
     for pp in (1, 2):
         out = tmp_path / f"s{pp}.jsonl"
-        run_mpi(pp, HPC, "score", "--model", one, "--input", str(inp), "--output", str(out), "--pp", str(pp),
-                "--context", "64", "--quiet", check=True)
+        run_job(pp, "score", "--model", one, "--input", str(inp), "--output", str(out), "--pp", str(pp),
+                "--context", "64", "--quiet")
         outs.append([json.loads(line) for line in open(out)])
-    assert len(outs[0]) == 3
+    assert len(outs[0]) == len(outs[1]) == 3
     assert max(abs(a["loglik"] - b["loglik"]) for a, b in zip(*outs)) <= 1e-4
 
 
@@ -413,9 +411,9 @@ def test_compressed_checkpoint_gives_the_same_numbers_at_pp_1_2_4(models, chaine
     outs = {}
     for n in (1, 2, 4):
         out = tmp_path / f"{job}-{n}.jsonl"
-        cmd = [job, "--model", chained, "--input", str(inp), "--output", str(out), "--pp", str(n), "--quiet", *extra]
-        (run_cli(*cmd, check=True) if n == 1 else run_mpi(n, HPC, *cmd, check=True))
+        run_job(n, job, "--model", chained, "--input", inp, "--output", out, "--pp", n, "--quiet", *extra)
         outs[n] = [json.loads(line) for line in open(out)]
+    assert [len(outs[n]) for n in (1, 2, 4)] == [3, 3, 3]
     for n in (2, 4):
         if job == "score":
             assert max(abs(a["loglik"] - b["loglik"]) for a, b in zip(outs[1], outs[n])) <= 1e-4
@@ -434,9 +432,7 @@ def test_inspect_shows_each_tensors_scheme(chained):
 
 
 def _one_line_error(p, message, *absent):
-    assert p.returncode == 2, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], p.stderr
+    one_line_error(p, message)
     for path in absent:
         assert not os.path.exists(path)
 

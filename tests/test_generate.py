@@ -8,9 +8,9 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, MPIRUN, ROOT, make_hf_model, run_cli, run_mpi
-from test_checkpoint import one_line_error
-from test_score import _kill_midway
+from helpers.files import read_jsonl
+from helpers.models import make_hf_model
+from helpers.run import HPC, MPIRUN, ROOT, kill_midway, one_line_error, run_job
 
 PROMPTS = ["def main(", "import os\nimport sys\n\nclass Handler", "x", "    return self.",
            "# A much longer prompt that goes on for a while, to make the lengths differ a lot: " * 2,
@@ -24,15 +24,8 @@ def write_prompts(path, prompts=PROMPTS):
     return str(path)
 
 
-def records(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
 def generate(n, *args, check=True):
-    if n == 1:
-        return run_cli("generate", *args, check=check)
-    return run_mpi(n, os.path.join(BIN, "hpc-llama"), "generate", *args, check=check)
+    return run_job(n, "generate", *args, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +72,12 @@ def test_greedy_equals_transformers_generate(model, reference, tmp_path, n, pp):
     prompts = write_prompts(tmp_path / "p.jsonl")
     generate(n, "--model", model, "--input", prompts, "--output", tmp_path / "g.jsonl", "--pp", pp,
              "--max-new-tokens", "20", "--batch-size", "3", "--quiet")
-    got = records(tmp_path / "g.jsonl")
+    got = read_jsonl(tmp_path / "g.jsonl")
     assert [r["index"] for r in got] == list(range(len(PROMPTS))) and [r["id"] for r in got][0] == "p0"
     assert [r["tokens"] for r in got] == reference
     assert got[0]["finish_reason"] == "eos" and got[0]["n_new_tokens"] == 6
-    assert all(r["finish_reason"] == "length" for r in got if r["n_new_tokens"] == 20)
+    at_limit = [r for r in got if r["n_new_tokens"] == 20]
+    assert at_limit and all(r["finish_reason"] == "length" for r in at_limit)
     summary = json.load(open(str(tmp_path / "g.jsonl") + ".summary.json"))
     assert summary["layout"]["pp"] == pp and len(summary["ranks"]) == n
 
@@ -95,10 +89,10 @@ def test_seeded_sampling_is_the_same_on_every_layout(model, tmp_path, n, pp):
               "--top-k", "40", "--top-p", "0.95", "--seed", "7", "--quiet"]
     generate(1, *common, "--output", tmp_path / "one.jsonl", "--batch-size", "2")
     generate(n, *common, "--output", tmp_path / "many.jsonl", "--pp", pp, "--batch-size", "4")
-    a, b = records(tmp_path / "one.jsonl"), records(tmp_path / "many.jsonl")
-    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    a, b = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "many.jsonl")
+    assert len(a) == len(PROMPTS) and [r["tokens"] for r in a] == [r["tokens"] for r in b]
     generate(1, *common[:-3], "--seed", "8", "--quiet", "--output", tmp_path / "other.jsonl")
-    assert [r["tokens"] for r in records(tmp_path / "other.jsonl")] != [r["tokens"] for r in a]
+    assert [r["tokens"] for r in read_jsonl(tmp_path / "other.jsonl")] != [r["tokens"] for r in a]
 
 
 def test_stop_strings_length_and_context_limits(model, reference, tmp_path):
@@ -110,14 +104,14 @@ def test_stop_strings_length_and_context_limits(model, reference, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl")
     generate(1, "--model", model, "--input", prompts, "--output", tmp_path / "s.jsonl", "--max-new-tokens", "20",
              "--stop", stop, "--stop", "NEVER-APPEARS-HERE", "--quiet")
-    got = records(tmp_path / "s.jsonl")[3]
+    got = read_jsonl(tmp_path / "s.jsonl")[3]
     assert got["finish_reason"] == "stop" and got["completion"] == full[:full.find(stop)]
     assert stop not in got["completion"]
     # The context: a prompt of n tokens in a context of n + 3 gets 4 new tokens, the last at position n + 3.
     n = len(tok.encode(PROMPTS[1], add_special_tokens=False).ids) + 1
     generate(1, "--model", model, "--input", write_prompts(tmp_path / "one.jsonl", [PROMPTS[1]]),
              "--output", tmp_path / "c.jsonl", "--max-new-tokens", "50", "--context", n + 3, "--quiet")
-    got = records(tmp_path / "c.jsonl")[0]
+    got = read_jsonl(tmp_path / "c.jsonl")[0]
     assert got["finish_reason"] == "context" and got["n_new_tokens"] == 4 and got["tokens"] == reference[1][:4]
 
 
@@ -131,14 +125,15 @@ def test_continuous_batching_and_stage_utilisation(model, reference, tmp_path):
     rows = pq.read_table(tmp_path / "g.parquet").to_pylist()
     assert [r["tokens"] for r in rows] == reference * 3  # 21 prompts through 4 slots, refilled as they finish
     summary = json.load(open(str(tmp_path / "g.parquet") + ".summary.json"))
-    assert summary["layout"]["groups"] == 2 and all(0 < r["utilisation"] <= 1 for r in summary["ranks"])
+    assert summary["layout"]["groups"] == 2 and len(summary["ranks"]) == 2
+    assert all(0 < r["utilisation"] <= 1 for r in summary["ranks"])
 
 
 def test_text_prompts_one_per_line(model, reference, tmp_path):
     (tmp_path / "p.txt").write_text("def main(\n\nx\n")
     generate(1, "--model", model, "--input", tmp_path / "p.txt", "--output", tmp_path / "g.jsonl",
              "--max-new-tokens", "20", "--quiet")
-    got = records(tmp_path / "g.jsonl")
+    got = read_jsonl(tmp_path / "g.jsonl")
     assert [r["id"] for r in got] == [f"{tmp_path / 'p.txt'}:1", f"{tmp_path / 'p.txt'}:3"]
     assert [r["tokens"] for r in got] == [reference[0], reference[2]]
 
@@ -149,8 +144,8 @@ def test_killed_job_resumes_to_byte_identical_output(model, tmp_path):
               "--seed", "3", "--set", "generate.chunk_docs=14", "--quiet"]
     generate(2, *common, "--output", tmp_path / "whole.jsonl")
     out = tmp_path / "cut.jsonl"
-    cmd = [MPIRUN, "-n", "2", os.path.join(BIN, "hpc-llama"), "generate", *map(str, common), "--output", str(out)]
-    _kill_midway(cmd, str(out) + ".journal.json", "kill-one")
+    cmd = [MPIRUN, "-n", "2", HPC, "generate", *map(str, common), "--output", str(out)]
+    kill_midway(cmd, str(out) + ".journal.json", "kill-one")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=dict(os.environ, DS_ACCELERATOR="cpu"))
     assert p.returncode == 0, p.stderr
     assert out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()

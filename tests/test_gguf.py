@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
-from test_checkpoint import one_line_error
+from helpers.run import one_line_error, run_cli
 
 gguf = pytest.importorskip("gguf", reason="the gguf package reads llama.cpp files; it is in the default install")
 
@@ -201,7 +200,10 @@ def test_generate_with_the_chat_template(hf_model, tokenizer_json, tmp_path):
             "--quiet", check=True)
     ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
     ref.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
-    for rec, text in zip((json.loads(x) for x in open(out)), ["def main(", "import os"]):
+    texts = ["def main(", "import os"]
+    got = [json.loads(x) for x in open(out)]
+    assert len(got) == len(texts)
+    for rec, text in zip(got, texts):
         ids = ref.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         assert rec["n_prompt_tokens"] == len(ids) and ids[0] == 1 and ids[-1] == 2

@@ -1,13 +1,12 @@
 """The CUDA path: device per local rank, NCCL, bf16. Skipped on machines without a GPU."""
 
 import json
-import os
 
 import pytest
 import torch
 
-from conftest import BIN, run_cli, run_mpi
-from test_score import read_jsonl
+from helpers.files import read_jsonl
+from helpers.run import run_cli, run_job
 
 pytestmark = pytest.mark.gpu
 
@@ -30,6 +29,7 @@ def test_score_on_gpu_matches_cpu(tmp_path, hf_dirs, tokenizer_json):
     run_cli("score", *common, "--output", tmp_path / "cpu.jsonl", env={"HPC_LLAMA_DEVICE": "cpu"}, check=True)
     run_cli("score", *common, "--output", tmp_path / "gpu.jsonl", check=True)
     a, b = read_jsonl(tmp_path / "cpu.jsonl"), read_jsonl(tmp_path / "gpu.jsonl")
+    assert len(a) == len(b) == 20
     assert max(abs(x["loglik"] - y["loglik"]) for x, y in zip(a, b)) <= 1e-3
     summary = json.load(open(str(tmp_path / "gpu.jsonl") + ".summary.json"))
     assert summary["layout"]["device"] == "cuda:0"
@@ -37,8 +37,7 @@ def test_score_on_gpu_matches_cpu(tmp_path, hf_dirs, tokenizer_json):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for a 2-stage NCCL pipeline")
 def test_nccl_pipeline_in_bf16(tmp_path, hf_dirs):
-    p = run_mpi(2, os.path.join(BIN, "hpc-llama"), "check", "--model", hf_dirs["llama3"], "--pp", "2", "--dtype", "bf16",
-                check=True)
+    p = run_job(2, "check", "--model", hf_dirs["llama3"], "--pp", "2", "--dtype", "bf16")
     assert "cuda:0" in p.stdout and "cuda:1" in p.stdout
 
 

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import BIN, MPIRUN, ROOT, make_hf_model, run_mpi
+from helpers.models import make_hf_model
+from helpers.run import BIN, MPIRUN, ROOT, one_line_error, run_cli, run_job, run_mpi
 
 HELPERS = os.path.join(ROOT, "tests", "helpers")
 OMPI_VENV = os.path.join(ROOT, ".venv-ompi")
@@ -79,10 +80,8 @@ def _fail_fast(cmd, env):
     t0 = time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     elapsed = time.monotonic() - t0
-    ours = [line for line in p.stderr.splitlines() if line.startswith("hpc-llama:")]
-    assert p.returncode != 0
-    assert ours == ["hpc-llama: [rank 2] error: RuntimeError: deliberate failure"], p.stderr
-    assert "Traceback" not in p.stderr
+    # Exit 1: an unexpected exception, not a user error; the rank that raised speaks for the job.
+    one_line_error(p, "RuntimeError: deliberate failure", code=1, rank=2)
     assert elapsed < 30, f"took {elapsed:.1f} s to end every rank"
 
 
@@ -99,9 +98,7 @@ def test_an_exception_on_one_rank_ends_every_rank_open_mpi():
 
 
 def test_check_command_under_mpirun(ckpt):
-    from conftest import run_mpi
-
-    p = run_mpi(4, os.path.join(BIN, "hpc-llama"), "check", "--model", ckpt, "--pp", "2", "--lengths", "5,17", check=True)
+    p = run_job(4, "check", "--model", ckpt, "--pp", "2", "--lengths", "5,17")
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     assert [r["stage"] for r in rows] == [0, 0, 1, 1] and [r["replica"] for r in rows] == [0, 1, 0, 1]
     assert all(r["max_abs"] == 0.0 for r in rows if r["stage"] == 1)
@@ -109,20 +106,14 @@ def test_check_command_under_mpirun(ckpt):
 
 
 def test_layout_errors_are_one_line_from_rank_0(ckpt):
-    from conftest import run_mpi
-
     for args, needle in ((["--pp", "3"], "4 ranks cannot be split into 3 pipeline stages "
-                                             "(ranks must be a multiple of stages)"),
+                                         "(ranks must be a multiple of stages)"),
                          (["--pp", "8"], "8 pipeline stages but the model has only 4 layers")):
-        p = run_mpi(4, os.path.join(BIN, "hpc-llama"), "check", "--model", ckpt, *args)
-        ours = [line for line in p.stderr.splitlines() if line.startswith("hpc-llama:")]
-        assert p.returncode != 0 and ours == [f"hpc-llama: [rank 0] error: {needle}"], p.stderr
+        one_line_error(run_job(4, "check", "--model", ckpt, *args, check=False), needle, rank=0)
 
 
 def test_demo_runs_end_to_end(tmp_path):
     """The README's first command, shortened: the embedded real model converted, scored, asked and LoRA-tuned."""
-    from conftest import run_cli
-
     p = run_cli("demo", "--out", tmp_path / "demo", "--steps", "10", "--lora-steps", "3", "--docs", "3",
                 "--new-tokens", "16", "--examples", "240", check=True, timeout=600)
     assert "bit-identical" in p.stdout and "validation loss" in p.stdout
@@ -157,4 +148,4 @@ def test_workstation_launcher(ckpt, flavour):
 
 def test_workstation_launcher_without_a_command():
     p = subprocess.run([os.path.join(ROOT, "launch", "hpc-llama-mpirun")], capture_output=True, text=True, timeout=30)
-    assert p.returncode == 2 and p.stderr.strip() == "hpc-llama-mpirun: error: no hpc-llama command given (try --help)"
+    one_line_error(p, "no hpc-llama command given (try --help)", prog="hpc-llama-mpirun")

@@ -8,7 +8,7 @@ from hpc_llama.checkpoint.slices import load_slice
 from hpc_llama.model.llama import ModelConfig, Transformer, init_weights
 from hpc_llama.parallel.layout import layer_partition
 
-from conftest import HF_CONFIGS
+from helpers.models import HF_CONFIGS
 
 TOL = 1e-4  # fp32 max-abs against the reference
 

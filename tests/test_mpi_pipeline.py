@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import make_hf_model
+from helpers.models import make_hf_model
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -50,6 +50,9 @@ def test_pipeline_forward_equals_single_process(world, pp):
     result = check_forward(open_checkpoint(ckpt), info, pp)
     # This rank's module holds its own layers and nothing else.
     assert result["layers"] == result["expected_layers"]
-    if result["max_abs"] is not None:
-        assert result["max_abs"] <= 1e-5, result
+    # The last stage compared its outputs with the whole model; the others have no outputs to compare.
+    if result["stage"] == pp - 1:
+        assert result["max_abs"] is not None and result["max_abs"] <= 1e-5, result
+    else:
+        assert result["max_abs"] is None, result
     comm.Barrier()

@@ -3,30 +3,17 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, MPIRUN, ROOT, run_cli, run_mpi
+from helpers.files import read_jsonl, write_jsonl
+from helpers.run import HPC, MPIRUN, ROOT, kill_midway, one_line_error, run_cli, run_job
 from test_scoring_plan import lm_eval_windows
 
 CONTEXT, STRIDE = 32, 24
-
-
-def write_jsonl(path, records):
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +68,8 @@ def reference_scores(model_dir, docs_path, context, stride):
 
 
 def score(n, model, docs, out, *extra, pp=1, check=True):
-    args = ["score", "--model", model, "--input", docs, "--output", out, "--pp", pp,
-            "--context", CONTEXT, "--stride", STRIDE, "--quiet", *extra]
-    if n == 1:
-        return run_cli(*args, check=check)
-    return run_mpi(n, os.path.join(BIN, "hpc-llama"), *args, check=check)
+    return run_job(n, "score", "--model", model, "--input", docs, "--output", out, "--pp", pp,
+                   "--context", CONTEXT, "--stride", STRIDE, "--quiet", *extra, check=check)
 
 
 def test_loglik_matches_plain_transformers(model_dir, mixed_docs, tmp_path):
@@ -167,10 +151,10 @@ def test_text_files_directories_and_globs(model_dir, tmp_path):
 
 def test_progress_bar_on_rank_0_only_and_quiet_mode(model_dir, layout_docs, tmp_path):
     args = ["score", "--model", model_dir, "--input", layout_docs]
-    p = run_mpi(2, os.path.join(BIN, "hpc-llama"), *args, "--output", tmp_path / "a.jsonl", check=True)
+    p = run_job(2, *args, "--output", tmp_path / "a.jsonl")
     assert p.stderr.count("60/60") >= 1 and "hpc-llama [rank 0]: scored 60 documents" in p.stderr
     assert "[rank 1]" not in p.stderr
-    p = run_mpi(2, os.path.join(BIN, "hpc-llama"), *args, "--output", tmp_path / "b.jsonl", "--quiet", check=True)
+    p = run_job(2, *args, "--output", tmp_path / "b.jsonl", "--quiet")
     assert p.stderr == "" and p.stdout == ""
 
 
@@ -185,40 +169,6 @@ def many_docs(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("resume") / "docs.jsonl", docs)
 
 
-def _rank_processes(proc):
-    import psutil
-
-    # The ranks are the python processes running hpc-llama (not mpirun's own helpers).
-    return [c for c in psutil.Process(proc.pid).children(recursive=True)
-            if "hpc-llama" in " ".join(c.cmdline()) and "mpirun" not in c.cmdline()[0] and "hydra" not in c.name()]
-
-
-def _kill_midway(cmd, journal, how):
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=dict(os.environ, DS_ACCELERATOR="cpu"))
-    deadline = time.monotonic() + 120
-    steps = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            steps = json.load(open(journal))["state"]["steps"]
-        except (OSError, ValueError, KeyError):
-            steps = 0
-        if steps >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None and steps >= 3, "the job finished before it could be interrupted"
-    ranks = _rank_processes(proc)
-    assert len(ranks) == 2
-    if how == "kill-one":
-        ranks[1].send_signal(signal.SIGKILL)
-    else:
-        for r in ranks:
-            r.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    return steps
-
-
 def _resume_args(model_dir, many_docs):
     return ["--model", model_dir, "--input", many_docs, "--pp", "2", "--context", CONTEXT,
             "--set", "score.chunk_docs=40", "--quiet"]
@@ -228,8 +178,7 @@ def _resume_args(model_dir, many_docs):
 def whole_run(model_dir, many_docs, tmp_path_factory):
     """The uninterrupted run that every interrupted one must equal, byte for byte."""
     out = tmp_path_factory.mktemp("whole") / "whole.jsonl"
-    run_mpi(2, os.path.join(BIN, "hpc-llama"), "score", *_resume_args(model_dir, many_docs), "--output", out,
-            check=True)
+    run_job(2, "score", *_resume_args(model_dir, many_docs), "--output", out)
     return out.read_bytes()
 
 
@@ -237,8 +186,8 @@ def whole_run(model_dir, many_docs, tmp_path_factory):
 def test_killed_job_resumes_to_byte_identical_output(model_dir, many_docs, whole_run, tmp_path, how):
     common = _resume_args(model_dir, many_docs)
     out = tmp_path / "resumed.jsonl"
-    cmd = [MPIRUN, "-n", "2", os.path.join(BIN, "hpc-llama"), "score", *map(str, common), "--output", str(out)]
-    _kill_midway(cmd, str(out) + ".journal.json", how)
+    cmd = [MPIRUN, "-n", "2", HPC, "score", *map(str, common), "--output", str(out)]
+    kill_midway(cmd, str(out) + ".journal.json", how)
     assert not out.exists() and os.path.exists(str(out) + ".partial")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=dict(os.environ, DS_ACCELERATOR="cpu"))
     assert p.returncode == 0, p.stderr
@@ -253,21 +202,18 @@ def test_a_changed_input_is_refused_not_mixed_in(model_dir, many_docs, tmp_path)
     out = tmp_path / "s.jsonl"
     common = ["--model", model_dir, "--input", str(docs), "--pp", "2", "--context", str(CONTEXT),
               "--set", "score.chunk_docs=40", "--quiet", "--output", str(out)]
-    _kill_midway([MPIRUN, "-n", "2", os.path.join(BIN, "hpc-llama"), "score", *common], str(out) + ".journal.json", "kill-one")
+    kill_midway([MPIRUN, "-n", "2", HPC, "score", *common], str(out) + ".journal.json", "kill-one")
     partial = open(str(out) + ".partial", "rb").read()
     with open(docs, "a") as f:
         f.write(json.dumps({"id": "late", "text": "added after the job started"}) + "\n")
-    p = run_mpi(2, os.path.join(BIN, "hpc-llama"), "score", *common)
-    assert p.returncode != 0 and "hpc-llama: [rank 0] error:" in p.stderr
-    assert "belongs to a job with a different inputs" in p.stderr
+    one_line_error(run_job(2, "score", *common, check=False), "belongs to a job with a different inputs", rank=0)
     assert open(str(out) + ".partial", "rb").read() == partial and not out.exists()
 
 
 def test_twenty_thousand_documents_under_two_ranks(model_dir, tmp_path):
     docs = write_jsonl(tmp_path / "docs.jsonl", ({"id": i, "text": f"document number {i} says hi"} for i in range(20000)))
     out = tmp_path / "s.jsonl"
-    run_mpi(2, os.path.join(BIN, "hpc-llama"), "score", "--model", model_dir, "--input", docs, "--output", out,
-            "--pp", "2", "--quiet", check=True, timeout=400)
+    run_job(2, "score", "--model", model_dir, "--input", docs, "--output", out, "--pp", "2", "--quiet", timeout=400)
     ids = [json.loads(line)["id"] for line in open(out)]
     assert ids == list(range(20000))
     summary = json.load(open(str(out) + ".summary.json"))
@@ -291,8 +237,6 @@ def _bad(tmp_path, name, content: bytes):
     (b'\n\n', "no documents in"),
 ])
 def test_bad_documents_fail_with_file_and_line(model_dir, tmp_path, content, needle):
-    from test_checkpoint import one_line_error
-
     docs = _bad(tmp_path, "bad.jsonl", content)
     before = sorted(os.listdir(tmp_path))
     one_line_error(run_cli("score", "--model", model_dir, "--input", docs, "--output", tmp_path / "out.jsonl"), needle)
@@ -300,8 +244,6 @@ def test_bad_documents_fail_with_file_and_line(model_dir, tmp_path, content, nee
 
 
 def test_existing_output_and_missing_tokenizer_are_refused(model_dir, hf_dirs, mixed_docs, tmp_path):
-    from test_checkpoint import one_line_error
-
     out = tmp_path / "out.jsonl"
     out.write_text("keep me\n")
     one_line_error(run_cli("score", "--model", model_dir, "--input", mixed_docs, "--output", out),
@@ -324,11 +266,11 @@ def test_each_rank_reads_only_its_own_layers(tmp_path):
             "--set", "model.tie_embeddings=false", model, check=True)
     docs = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": list(range(3, 40))}] * 8)
     out = tmp_path / "s.jsonl"
-    run_mpi(4, os.path.join(BIN, "hpc-llama"), "score", "--model", model, "--input", docs, "--output", out,
-            "--pp", "4", "--quiet", check=True)
+    run_job(4, "score", "--model", model, "--input", docs, "--output", out, "--pp", "4", "--quiet")
     ranks = json.load(open(str(out) + ".summary.json"))["ranks"]
     reader = open_checkpoint(str(model))
     plans = stage_plans(reader.config, ParallelConfig(pp=4))
+    assert [r["rank"] for r in ranks] == [0, 1, 2, 3] and len(plans) == 4
     total = sum(reader.info(n).nbytes for n in reader.names())
     for r, plan in zip(ranks, plans):
         own = sum(reader.info(n).nbytes for n in slice_sources(reader, plan.layers, plan.embed, plan.head))
@@ -343,7 +285,7 @@ def test_bf16_scoring_runs_and_stays_close_to_fp32(model_dir, mixed_docs, tmp_pa
     score(1, model_dir, mixed_docs, tmp_path / "fp32.jsonl")
     score(2, model_dir, mixed_docs, tmp_path / "bf16.jsonl", "--dtype", "bf16", pp=2)
     a, b = read_jsonl(tmp_path / "fp32.jsonl"), read_jsonl(tmp_path / "bf16.jsonl")
-    assert [r["n_tokens"] for r in a] == [r["n_tokens"] for r in b]
+    assert len(a) == len(read_jsonl(mixed_docs)) and [r["n_tokens"] for r in a] == [r["n_tokens"] for r in b]
     for x, y in zip(a, b):
         assert abs(x["loglik"] - y["loglik"]) <= 0.02 * abs(x["loglik"]) + 0.1
     assert json.load(open(str(tmp_path / "bf16.jsonl") + ".summary.json"))["layout"]["dtype"] == "bfloat16"

@@ -5,10 +5,9 @@ import os
 
 import pytest
 
-from conftest import BIN, ROOT, run_cli
-from test_checkpoint import one_line_error
-from test_score import read_jsonl, write_jsonl
-from test_train import corpus  # noqa: F401  (a fixture: real stdlib text, prepared)
+from helpers.files import metrics, read_jsonl, write_jsonl
+from helpers.models import TINY
+from helpers.run import BIN, ROOT, one_line_error, run_cli
 
 SLURM_ENV = {"PATH": f"{BIN}:{os.environ['PATH']}", "DS_ACCELERATOR": "cpu"}
 
@@ -118,7 +117,8 @@ def test_generate_template_on_two_nodes(slurm, scored_model, tmp_path):
                        "--export=ALL", os.path.join(ROOT, "slurm", "generate.sbatch"), env=env)
     info = slurm.wait(job)
     assert info["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()
-    assert [r["tokens"] for r in read_jsonl(out)] == [r["tokens"] for r in read_jsonl(tmp_path / "one.jsonl")]
+    one = read_jsonl(tmp_path / "one.jsonl")
+    assert len(one) == 12 and [r["tokens"] for r in read_jsonl(out)] == [r["tokens"] for r in one]
     summary = json.load(open(str(out) + ".summary.json"))
     assert summary["layout"]["pp"] == 2 and summary["layout"]["dp"] == 2
 
@@ -146,8 +146,6 @@ def _wait_for_steps(slurm, job, run, n, timeout=240):
 def test_train_template_survives_requeue_and_signal(slurm, corpus, tmp_path):
     """Interrupted twice (scontrol requeue, then scancel --signal=USR1), requeued twice: the same losses."""
     import subprocess
-
-    from test_train import TINY, metrics
 
     _, data = corpus
     steps = 24

@@ -11,38 +11,11 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import BIN, MPIRUN, ROOT, run_cli, run_mpi
-from test_checkpoint import one_line_error
+from helpers.files import metrics
+from helpers.models import TINY
+from helpers.run import HPC, MPIRUN, ROOT, one_line_error, run_job
 
 STDLIB = os.path.dirname(os.__file__)
-# The tiny model of configs/tiny-train.yaml, smaller still, so a step takes milliseconds.
-TINY = ["--config", "tiny-train", "--set", "model.vocab_size=512", "--set", "model.dim=64",
-        "--set", "train.seq_len=64", "--set", "train.micro_batch=4", "--set", "train.global_batch=16",
-        "--set", "train.warmup_steps=5", "--set", "train.lr=0.003"]
-
-
-def hpc(n, *args, check=True, timeout=300):
-    if n == 1:
-        return run_cli(*args, check=check, timeout=timeout)
-    return run_mpi(n, os.path.join(BIN, "hpc-llama"), *args, check=check, timeout=timeout)
-
-
-def metrics(run):
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Real text: 40 modules of the Python standard library, tokenized with a BPE trained on them."""
-    d = tmp_path_factory.mktemp("corpus")
-    files = sorted(glob.glob(os.path.join(STDLIB, "*.py")))[:40]
-    for f in files:
-        os.symlink(f, d / (os.path.basename(f) + ".txt"))
-    data = tmp_path_factory.mktemp("data") / "data"
-    hpc(1, "prepare", "--input", d, "--output", data, "--train-tokenizer", "512", "--split", "0.9,0.05,0.05",
-        "--chunk-docs", "8")
-    return str(d), str(data)
 
 
 # --- prepare ------------------------------------------------------------------------------
@@ -51,8 +24,8 @@ def corpus(tmp_path_factory):
 def test_prepare_is_the_same_on_any_number_of_ranks(corpus, tmp_path):
     text_dir, data = corpus
     other = tmp_path / "data2"
-    hpc(2, "prepare", "--input", text_dir, "--output", other, "--tokenizer", os.path.join(data, "tokenizer.json"),
-        "--split", "0.9,0.05,0.05", "--chunk-docs", "8")
+    run_job(2, "prepare", "--input", text_dir, "--output", other, "--tokenizer", os.path.join(data, "tokenizer.json"),
+            "--split", "0.9,0.05,0.05", "--chunk-docs", "8")
     a, b = json.load(open(os.path.join(data, "manifest.json"))), json.load(open(other / "manifest.json"))
     assert a["shards"] == b["shards"] and a["totals"] == b["totals"] and len(a["shards"]) == 5
     for s in a["shards"]:
@@ -65,8 +38,8 @@ def test_task_data_puts_the_loss_on_the_response(corpus, tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps({"prompt": f"Repeat: word{i}\n", "response": f"word{i}"}) + "\n" for i in range(60)))
     out = tmp_path / "sft"
-    hpc(1, "prepare", "--input", tasks, "--output", out, "--task", "--tokenizer", os.path.join(data, "tokenizer.json"),
-        "--split", "0.8,0.2,0")
+    run_job(1, "prepare", "--input", tasks, "--output", out, "--task", "--tokenizer",
+            os.path.join(data, "tokenizer.json"), "--split", "0.8,0.2,0")
     from hpc_llama.tokenizer import Tokenizer
     from hpc_llama.train.data import SplitData, load_manifest
 
@@ -89,8 +62,8 @@ def test_prepare_bad_input(corpus, tmp_path, args, needle):
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"text": ""}\n{"text": ""}\n' if "--input-empty" in args else '{"text": "hello"}\n')
     extra = [a for a in args if a != "--input-empty"]
-    one_line_error(hpc(1, "prepare", "--input", inp, "--output", tmp_path / "out", "--tokenizer",
-                       os.path.join(data, "tokenizer.json"), *extra, check=False), needle)
+    one_line_error(run_job(1, "prepare", "--input", inp, "--output", tmp_path / "out", "--tokenizer",
+                           os.path.join(data, "tokenizer.json"), *extra, check=False), needle)
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / ".out.partial")
 
 
@@ -106,14 +79,14 @@ def _layout_args(data):
 def one_rank_losses(corpus, tmp_path_factory):
     """The first losses of one rank, PP 1, ZeRO-1: what every other layout must reproduce."""
     run = tmp_path_factory.mktemp("layout-ref") / "ref"
-    hpc(1, "train", *_layout_args(corpus[1]), "--out", run, "--pp", "1", "--zero", "1")
+    run_job(1, "train", *_layout_args(corpus[1]), "--out", run, "--pp", "1", "--zero", "1")
     return [r["loss"] for r in metrics(run)]
 
 
 @pytest.mark.parametrize("n, pp, zero", [(2, 2, 1), (4, 2, 1), (2, 1, 2), (2, 1, 3), (1, 1, 0)])
 def test_first_losses_agree_across_layouts(corpus, one_rank_losses, tmp_path, n, pp, zero):
     _, data = corpus
-    hpc(n, "train", *_layout_args(data), "--out", tmp_path / "run", "--pp", pp, "--zero", zero)
+    run_job(n, "train", *_layout_args(data), "--out", tmp_path / "run", "--pp", pp, "--zero", zero)
     ref = one_rank_losses
     got = [r["loss"] for r in metrics(tmp_path / "run")]
     print(f"PP {pp} x DP {n // pp}, ZeRO-{zero}: losses {got} vs {ref}")
@@ -130,8 +103,8 @@ def pipeline_run(corpus, tmp_path_factory):
     """60 steps under mpirun -n 2 --pp 2, evaluated every 20."""
     _, data = corpus
     run = tmp_path_factory.mktemp("pp2") / "run"
-    hpc(2, "train", *TINY, "--data", data, "--out", run, "--pp", "2", "--steps", "60",
-        "--set", "train.eval_every=20", "--quiet")
+    run_job(2, "train", *TINY, "--data", data, "--out", run, "--pp", "2", "--steps", "60",
+            "--set", "train.eval_every=20", "--quiet")
     return str(run)
 
 
@@ -153,8 +126,8 @@ def test_validation_loss_falls_under_a_pipeline(pipeline_run, corpus):
 
 def test_validation_loss_falls_with_pipeline_and_data_parallel(corpus, tmp_path):
     _, data = corpus
-    hpc(4, "train", *TINY, "--data", data, "--out", tmp_path / "run", "--pp", "2", "--steps", "40",
-        "--set", "train.eval_every=20", "--quiet")
+    run_job(4, "train", *TINY, "--data", data, "--out", tmp_path / "run", "--pp", "2", "--steps", "40",
+            "--set", "train.eval_every=20", "--quiet")
     val = [r["val_loss"] for r in metrics(tmp_path / "run") if r.get("val_loss") is not None]
     assert len(val) == 2 and val[1] < val[0]
 
@@ -168,8 +141,8 @@ def test_export_at_another_pipeline_degree_scores_like_the_trained_model(pipelin
     seqs = [read_sequence(test, i, 64) for i in range(sequence_count(test, 64))]
     docs = tmp_path / "test.jsonl"
     docs.write_text("".join(json.dumps({"input_ids": [int(x) for x in s[0]] + [int(s[1][-1])]}) + "\n" for s in seqs))
-    hpc(4, "score", "--model", os.path.join(pipeline_run, "final.h5"), "--input", docs, "--output",
-        tmp_path / "s.jsonl", "--pp", "4", "--context", "64", "--quiet")
+    run_job(4, "score", "--model", os.path.join(pipeline_run, "final.h5"), "--input", docs, "--output",
+            tmp_path / "s.jsonl", "--pp", "4", "--context", "64", "--quiet")
     recs = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
     scored = -sum(r["loglik"] for r in recs) / sum(r["n_tokens"] for r in recs)
     measured = json.load(open(os.path.join(pipeline_run, "test.json")))["test_loss"]
@@ -182,8 +155,8 @@ def test_export_on_demand_from_the_last_checkpoint(pipeline_run, corpus, tmp_pat
     run = tmp_path / "copy"
     shutil.copytree(pipeline_run, run)
     os.remove(run / "final.h5")
-    hpc(2, "train", *TINY, "--data", corpus[1], "--out", run, "--pp", "2", "--steps", "60",
-        "--set", "train.eval_every=20", "--resume", "--export-only", "--quiet")
+    run_job(2, "train", *TINY, "--data", corpus[1], "--out", run, "--pp", "2", "--steps", "60",
+            "--set", "train.eval_every=20", "--resume", "--export-only", "--quiet")
     assert (run / "final.h5").read_bytes() == open(os.path.join(pipeline_run, "final.h5"), "rb").read()
 
 
@@ -216,14 +189,14 @@ def test_signal_checkpoint_and_resume_give_the_same_losses(corpus, tmp_path, how
     _, data = corpus
     common = [*TINY, "--data", data, "--pp", "2", "--steps", "24", "--set", "train.eval_every=8",
               "--set", "train.checkpoint_every=100", "--quiet"]
-    hpc(2, "train", *common, "--out", tmp_path / "whole")
+    run_job(2, "train", *common, "--out", tmp_path / "whole")
     run = tmp_path / "cut"
-    cmd = [MPIRUN, "-n", "2", os.path.join(BIN, "hpc-llama"), "train", *map(str, common), "--out", str(run), "--resume"]
+    cmd = [MPIRUN, "-n", "2", HPC, "train", *map(str, common), "--out", str(run), "--resume"]
     code, err = _interrupt(cmd, run, 6, how)
     assert code == 0, err  # a signal is a clean stop: Slurm requeues, nothing failed
     done = len(metrics(run))
     assert 6 <= done < 24 and "checkpoint saved" in err
-    hpc(2, *cmd[4:])
+    run_job(2, *cmd[4:])
     whole = [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(tmp_path / "whole")]
     resumed = [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(run)]
     assert resumed == whole  # bit for bit in fp32
@@ -231,8 +204,8 @@ def test_signal_checkpoint_and_resume_give_the_same_losses(corpus, tmp_path, how
 
 def test_bf16_trains(corpus, tmp_path):
     _, data = corpus
-    hpc(2, "train", *TINY, "--data", data, "--out", tmp_path / "run", "--pp", "2", "--steps", "8", "--dtype", "bf16",
-        "--set", "train.eval_every=0", "--set", "train.eval_sequences=8", "--quiet")
+    run_job(2, "train", *TINY, "--data", data, "--out", tmp_path / "run", "--pp", "2", "--steps", "8",
+            "--dtype", "bf16", "--set", "train.eval_every=0", "--set", "train.eval_sequences=8", "--quiet")
     losses = [r["loss"] for r in metrics(tmp_path / "run")]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     with h5py.File(tmp_path / "run" / "final.h5") as f:
@@ -249,10 +222,10 @@ def test_lora_fine_tune_beats_the_base_model(pipeline_run, corpus, tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps({"prompt": f"Repeat: {w}\n", "response": f" {w}"}) + "\n" for w in words))
     sft = tmp_path / "sft"
-    hpc(1, "prepare", "--input", tasks, "--output", sft, "--task", "--tokenizer", base, "--split", "0.8,0.2,0")
+    run_job(1, "prepare", "--input", tasks, "--output", sft, "--task", "--tokenizer", base, "--split", "0.8,0.2,0")
     run = tmp_path / "lora"
-    hpc(2, "train", *TINY, "--data", sft, "--init", base, "--out", run, "--pp", "2", "--lora", "8",
-        "--steps", "30", "--set", "train.lr=0.01", "--set", "train.eval_every=15", "--quiet")
+    run_job(2, "train", *TINY, "--data", sft, "--init", base, "--out", run, "--pp", "2", "--lora", "8",
+            "--steps", "30", "--set", "train.lr=0.01", "--set", "train.eval_every=15", "--quiet")
     rows = metrics(run)
     assert rows[0]["step"] == 0  # the base model, before any step
     val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
@@ -270,10 +243,10 @@ def test_lora_fine_tune_beats_the_base_model(pipeline_run, corpus, tmp_path):
 def test_lora_adapters_alone(pipeline_run, corpus, tmp_path):
     _, data = corpus
     run = tmp_path / "lora"
-    hpc(2, "train", *TINY, "--data", data, "--init", os.path.join(pipeline_run, "final.h5"), "--out", run,
-        "--pp", "2", "--lora", "4", "--steps", "3", "--set", "train.export=adapters", "--set", "train.eval_every=0",
-        "--set", "train.lora_targets=[wq,wk,wv,wo,w2]",
-        "--set", "train.eval_sequences=4", "--quiet")
+    run_job(2, "train", *TINY, "--data", data, "--init", os.path.join(pipeline_run, "final.h5"), "--out", run,
+            "--pp", "2", "--lora", "4", "--steps", "3", "--set", "train.export=adapters", "--set", "train.eval_every=0",
+            "--set", "train.lora_targets=[wq,wk,wv,wo,w2]",
+            "--set", "train.eval_sequences=4", "--quiet")
     with h5py.File(run / "adapters.h5") as f:
         names = list(f["tensors"])
     assert names and all(n.endswith((".lora_a", ".lora_b")) for n in names)
@@ -288,19 +261,17 @@ def test_bad_training_input_fails_cleanly(corpus, pipeline_run, tmp_path):
     base = os.path.join(pipeline_run, "final.h5")
     out = tmp_path / "run"
     cases = [
-        (1, ["--init", base, "--set", "model.n_layers=6"], "model disagrees with --init", "n_layers is 6"),
-        (2, ["--pp", "1", "--set", "train.global_batch=20"], "not divisible by micro-batch 4 x 2", None),
-        (2, ["--pp", "2", "--zero", "2"], "ZeRO-2 cannot be combined with a pipeline", None),
+        (1, ["--init", base, "--set", "model.n_layers=6"], ["model disagrees with --init", "n_layers is 6"]),
+        (2, ["--pp", "1", "--set", "train.global_batch=20"], ["not divisible by micro-batch 4 x 2"]),
+        (2, ["--pp", "2", "--zero", "2"], ["ZeRO-2 cannot be combined with a pipeline"]),
     ]
-    for n, extra, needle, more in cases:
-        p = hpc(n, "train", *TINY, "--data", data, "--out", out, *extra, check=False)
-        assert p.returncode != 0 and needle in p.stderr, p.stderr
-        assert more is None or more in p.stderr
-        assert len([line for line in p.stderr.splitlines() if line.startswith("hpc-llama")]) == 1, p.stderr
+    for n, extra, needles in cases:
+        p = run_job(n, "train", *TINY, "--data", data, "--out", out, *extra, check=False)
+        one_line_error(p, *needles, rank=0 if n > 1 else None)
         assert not out.exists()
     # Resuming into a run of another config.
-    p = hpc(1, "train", *TINY, "--data", data, "--out", pipeline_run, "--resume", "--set", "train.lr=0.001", check=False)
-    assert p.returncode != 0 and "belongs to a run with a different sections" in p.stderr
+    p = run_job(1, "train", *TINY, "--data", data, "--out", pipeline_run, "--resume", "--set", "train.lr=0.001", check=False)
+    one_line_error(p, "belongs to a run with a different sections")
 
 
 def test_corrupt_token_shard_is_refused(corpus, tmp_path):
@@ -315,6 +286,6 @@ def test_corrupt_token_shard_is_refused(corpus, tmp_path):
     with open(shard, "r+b") as f:
         f.seek(offset + 10)
         f.write(b"\xff\xff")
-    p = hpc(1, "train", *TINY, "--data", bad, "--out", tmp_path / "run", check=False)
+    p = run_job(1, "train", *TINY, "--data", bad, "--out", tmp_path / "run", check=False)
     one_line_error(p, "checksum mismatch in train/tokens")
     assert not (tmp_path / "run").exists()

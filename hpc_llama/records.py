@@ -44,7 +44,8 @@ class Journal:
         if os.path.exists(self.path):
             with open(self.path) as f:
                 saved = json.load(f)
-            differs = [k for k in fingerprint if saved["fingerprint"].get(k) != fingerprint[k]]
+            keys = list(fingerprint) + [k for k in saved["fingerprint"] if k not in fingerprint]
+            differs = [k for k in keys if saved["fingerprint"].get(k) != fingerprint.get(k)]
             if differs:
                 raise HpcLlamaError(
                     f"{self.partial} belongs to a job with a different {differs[0]}: refusing to mix results "

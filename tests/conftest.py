@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 import pytest
 import torch
@@ -49,6 +50,15 @@ def tokenizer_json(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def text_model(hf_dirs, tokenizer_json, tmp_path_factory):
+    """The llama3-style random HF model with a real tokenizer beside it, read in place (jobs only read it)."""
+    d = tmp_path_factory.mktemp("text-model") / "hf"
+    shutil.copytree(hf_dirs["llama3"], d)
+    shutil.copy(tokenizer_json, d / "tokenizer.json")
+    return str(d)
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,13 @@ def test_a_different_job_is_refused_naming_what_differs(tmp_path, key, value):
     assert (open(j.partial, "rb").read(), open(j.path, "rb").read()) == before
 
 
+def test_a_key_only_the_saved_journal_has_counts_too(tmp_path):
+    out = str(tmp_path / "s.jsonl")
+    Journal(out, {**FINGERPRINT, "shard": [1, 3]}, overwrite=False).commit(STEP1, {})
+    with pytest.raises(HpcLlamaError, match="belongs to a job with a different shard"):
+        Journal(out, FINGERPRINT, overwrite=False)
+
+
 def test_an_existing_output_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "s.jsonl"
     out.write_text("keep me\n")

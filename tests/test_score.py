@@ -17,12 +17,8 @@ CONTEXT, STRIDE = 32, 24
 
 
 @pytest.fixture(scope="module")
-def model_dir(hf_dirs, tokenizer_json, tmp_path_factory):
-    """The llama3-style random HF model with a real tokenizer beside it, read in place."""
-    d = tmp_path_factory.mktemp("score") / "hf"
-    shutil.copytree(hf_dirs["llama3"], d)
-    shutil.copy(tokenizer_json, d / "tokenizer.json")
-    return str(d)
+def model_dir(text_model):
+    return text_model
 
 
 @pytest.fixture(scope="module")

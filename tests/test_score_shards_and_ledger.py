@@ -84,9 +84,8 @@ REFUSALS = [
     ("unfinished", "part 1 of 3 is missing: merged.jsonl.part-00001-of-00003.jsonl (still being written: its task "
                    "did not finish)"),
     ("no summary", "part 1 of 3 has no readable summary (merged.jsonl.part-00001-of-00003.jsonl.summary.json)"),
-    # With 3 documents a step, the 11 documents are 4 steps (3, 3, 3, 2); part 1 of 3 is the third step,
-    # documents 6-8, where the parts of 2-document steps need 4-7.
-    ("other steps", "part 1 covers documents 6..8, expected 4..6: refusing to merge a gap"),
+    # Part 1 is documents 4-7; its summary edited to claim 5-8.
+    ("shifted", "part 1 covers documents 5..8, expected 4..7: refusing to merge a gap"),
     # overlaps
     ("a part twice", "merged.jsonl.part-00001-of-00003.jsonl says it is part 0 of 3"),
     ("other count", "from arrays of different sizes ([2, 3]): give --parts"),
@@ -94,6 +93,9 @@ REFUSALS = [
     ("other model", "part 1 was scored with a different model than part 0: refusing to merge"),
     ("other input", "part 1 was scored with a different inputs than part 0: refusing to merge"),
     ("other context", "part 1 was scored with a different context or stride than part 0: refusing to merge"),
+    # Other steps (chunk_docs) batch documents differently, which can move a float's last digit.
+    ("other steps", "part 1 was scored with a different score section or dtype than part 0: refusing to merge"),
+    ("other options", "part 1 was scored with a different score section or dtype than part 0: refusing to merge"),
 ]
 
 
@@ -108,6 +110,8 @@ def test_merge_refuses_gaps_overlaps_and_mismatches(sharded, hf_dirs, tmp_path, 
         _rescore_part_1(sharded, out, docs=token_docs(tmp_path / "other.jsonl", seed=6))
     elif damage == "other context":
         _rescore_part_1(sharded, out, "--context", 8)
+    elif damage == "other options":
+        _rescore_part_1(sharded, out, "--token-logprobs")
     else:
         copy_parts(sharded, out)
         if damage == "missing":
@@ -119,6 +123,12 @@ def test_merge_refuses_gaps_overlaps_and_mismatches(sharded, hf_dirs, tmp_path, 
         elif damage == "a part twice":
             for suffix in ("", ".summary.json"):
                 shutil.copy(part(out, 0) + suffix, part(out, 1) + suffix)
+        elif damage == "shifted":  # a summary that claims other documents than its place
+            with open(part(out, 1) + ".summary.json") as f:
+                s = json.load(f)
+            s["shard"]["first"] += 1
+            with open(part(out, 1) + ".summary.json", "w") as f:
+                json.dump(s, f)
         elif damage == "other count":
             shutil.copy(part(out, 0), part(out, 0, n=2))
     before = sorted(os.listdir(tmp_path))
@@ -127,14 +137,6 @@ def test_merge_refuses_gaps_overlaps_and_mismatches(sharded, hf_dirs, tmp_path, 
 
 
 # --- scheduled scoring: a ledger of content checksums ------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def text_model(hf_dirs, tokenizer_json, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ledger") / "hf"
-    shutil.copytree(hf_dirs["llama3"], d)
-    shutil.copy(tokenizer_json, d / "tokenizer.json")
-    return str(d)
 
 
 def content_key(text):

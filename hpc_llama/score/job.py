@@ -178,6 +178,8 @@ def _summary(job, scorer, ranks, shard) -> dict:
         "padding_waste": round(1 - stats.get("real_positions", 0) / stats["positions"], 4) if stats.get("positions") else 0.0,
         "layout": job.layout(dtype=str(scorer.dtype).replace("torch.", "")),
         "context": scorer.context, "stride": scorer.stride, "resumed": journal.resumed,
+        # What else decides a record's bytes; `merge` refuses parts that differ in it.
+        "options": {k: journal.fingerprint["options"][k] for k in ("score", "dtype")},
         "model": job.model_summary(), "inputs": job.inputs_summary("documents"), "ranks": ranks,
     }
     if shard:

@@ -86,7 +86,8 @@ def run(args) -> int:
             raise HpcLlamaError(f"{os.path.basename(p)} says it is part {sh.get('index')} of {sh.get('count')}")
         same = {"model": s["model"]["fingerprint"] == first["model"]["fingerprint"],
                 "inputs": s["inputs"] == first["inputs"],
-                "context or stride": (s["context"], s["stride"]) == (first["context"], first["stride"])}
+                "context or stride": (s["context"], s["stride"]) == (first["context"], first["stride"]),
+                "score section or dtype": s.get("options") == first.get("options")}
         for what, ok in same.items():
             if not ok:
                 raise HpcLlamaError(f"part {i} was scored with a different {what} than part 0: refusing to merge")

@@ -4,11 +4,11 @@ A batch job reads a checkpoint and input files, does the same work on every
 layout of pp stages x dp replicas, and has rank 0 write one record per input
 document, in input order, exactly once, resumably. What is common lives here:
 
-    job = BatchJob(args, "score", FLAGS)        # config + overrides, ranks, layout check, checkpoint, inputs
-    extra = job.validate(scan)                  # rank 0 checks every input and opens the journal; all get the result
-    with job.running(total, "doc"):             # torch.distributed when pp > 1, progress; always torn down
-        for step in ...: job.commit(lines, stats, tokens)
-        job.finish(columns, summary, message)   # OUT written atomically, OUT.summary.json, one report line
+    job = BatchJob(args, "score", FLAGS)      # config + overrides, ranks, layout check, checkpoint, inputs
+    extra = job.validate(scan, options)       # rank 0 checks every input, opens the journal; all get `extra`
+    with job.running(total, "doc"):           # torch.distributed when pp > 1, progress; always torn down
+        for step in ...: job.commit(lines, stats, tokens)          # rank 0, step by step
+        job.finish(columns, summary, message) # rank 0: OUT atomically, OUT.summary.json, one report line
 
 A job module then says only what is its own: its flags, its engine, its step
 and its record.

@@ -24,7 +24,3 @@ def peak_rss() -> int | None:
     kb = _field("/proc/self/status", "VmHWM")
     return None if kb is None else kb * 1024
 
-
-def rss() -> int | None:
-    kb = _field("/proc/self/status", "VmRSS")
-    return None if kb is None else kb * 1024

@@ -16,7 +16,6 @@ from torch import nn
 from .llama import Linear
 
 ATTENTION = ("wq", "wk", "wv", "wo")
-MLP = ("w1", "w2", "w3")
 
 
 class LoRALinear(Linear):
@@ -68,7 +67,3 @@ def hash_name(seed: int, name: str) -> int:
 
     return (seed * 1_000_003 + _stable_hash(name)) % (1 << 63)
 
-
-def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters alone: {module.lora_a / module.lora_b: tensor}."""
-    return {n: p for n, p in model.named_parameters() if n.endswith((".lora_a", ".lora_b"))}

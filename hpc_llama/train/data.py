@@ -10,7 +10,6 @@ only on the corpus and the options, never on how many ranks prepared it.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -295,6 +294,3 @@ def counted_targets(data: SplitData, ids: np.ndarray, seq_len: int) -> int:
         return len(ids) * seq_len
     return int(sum(read_sequence(data, int(i), seq_len)[2].sum() for i in ids))
 
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))

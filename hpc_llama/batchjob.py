@@ -161,7 +161,9 @@ class BatchJob:
         write_json_atomic(os.path.abspath(self.out) + ".summary.json", summary)
         self.say(message)
 
-    def say(self, message: str) -> None:
+    def say(self, message: str, always: bool = False) -> None:
+        """A report line from rank 0; `always` for one that explains a job ending without work, which a
+        batch log must show even under --quiet."""
         from .progress import report
 
-        report(message, self.quiet, self.info.rank)
+        report(message, self.quiet and not always, self.info.rank)

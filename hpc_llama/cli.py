@@ -38,7 +38,8 @@ def add_overwrite_argument(p, what: str = "OUT") -> None:
 
 
 def add_quiet_argument(p) -> None:
-    """The one meaning of --quiet: no progress bar and no report lines; warnings and errors still print.
+    """The one meaning of --quiet: no progress bar and no report lines; warnings, errors and the line that
+    says why a job ended without doing anything still print.
     Reports and progress go to stderr (progress.report); stdout carries only what a command is asked to
     show (inspect's report, check's comparison, the demo's walk-through)."""
     p.add_argument("--quiet", action="store_true", help="no progress bar or report lines (errors still print)")

@@ -133,7 +133,8 @@ def _select_new(job, shard, fields):
         if os.path.exists(out) and not args.overwrite:
             added = _record_selection(args.ledger, out, fields, reader)
             job.say(f"{out} exists: this period is scored already, nothing to do"
-                    + (f" ({added} checksums were missing from the ledger and are added)" if added else ""))
+                    + (f" ({added} checksums were missing from the ledger and are added)" if added else ""),
+                    always=True)
         else:
             if not (os.path.exists(selection) and os.path.exists(out + ".journal.json")):  # else: resume as is
                 ledger = Ledger(args.ledger)
@@ -147,7 +148,7 @@ def _select_new(job, shard, fields):
     if os.path.getsize(state) == 0:
         if job.info.rank == 0:
             open(out, "w").close()  # a dated output with nothing new in it
-            job.say(f"no new documents: wrote an empty {out}")
+            job.say(f"no new documents: wrote an empty {out}", always=True)
         return None
     return [InputFile(state, "jsonl", os.path.getsize(state))]
 

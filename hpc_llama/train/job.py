@@ -9,7 +9,8 @@ it is that checkpoint (fine-tuning). pp > 1 uses DeepSpeed's pipeline engine
 (ZeRO 0-1), pp = 1 a ZeRO engine (0-3). The run directory gets metrics.jsonl,
 TensorBoard events, checkpoints, test.json, loss.png and final.h5 (a
 layout-independent checkpoint). SIGUSR1 or SIGTERM: every rank saves a
-checkpoint and exits 0; --resume carries on with the same losses.
+checkpoint and exits 0; --resume carries on with the same losses, from the
+newest complete checkpoint (a save torn by a kill is passed over).
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ def run(args) -> int:
     try:
         trainer = Trainer(reader, info, comm, parallel, tcfg, dtype, zero)
         ckpt_dir = os.path.join(run_dir, "checkpoints")
-        start = trainer.load(ckpt_dir) if args.resume and _has_checkpoint(ckpt_dir) else 0
+        start, passed_over = trainer.load(ckpt_dir) if args.resume else (0, None)
+        if passed_over:
+            # Said even in quiet mode: a batch log must show that a save was torn and where the run went back to.
+            report(passed_over, rank=info.rank)
         if args.export_only:
             _export(trainer, reader, run_dir, tcfg, info)
             return 0
@@ -261,12 +265,6 @@ def _prepare_run_dir(run_dir, snapshot, args):
             return
     os.makedirs(run_dir, exist_ok=True)
     write_json_atomic(path, snapshot, sort_keys=True)
-
-
-def _has_checkpoint(ckpt_dir: str) -> bool:
-    import os
-
-    return os.path.isfile(os.path.join(ckpt_dir, "latest"))
 
 
 def _evaluate(trainer, data, tcfg, dp, all_sequences=False):

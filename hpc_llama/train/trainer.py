@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
+import re
+import shutil
+import signal
 import warnings
 
 import torch
@@ -219,23 +223,83 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------
 
     def save(self, ckpt_dir: str, step: int, keep: int) -> None:
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.engine.save_checkpoint(ckpt_dir, tag=f"step-{step:07d}", client_state={"step": step})
+        """Write checkpoint step-NNNNNNN on every rank, then publish it (the protocol: end of this file)."""
+        tag = f"step-{step:07d}"
+        tag_dir = os.path.join(ckpt_dir, tag)
+        rank = self.info.rank
+        if rank == 0:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            if os.path.lexists(tag_dir):  # a torn save of this step, left before the run resumed from an older one
+                shutil.rmtree(tag_dir)
         self.comm.Barrier()
-        if self.info.rank == 0 and keep > 0:
-            import shutil
+        _test_die_at("before-save", rank, step)
+        with _recording_saves(self.engine, rank, step) as written, contextlib.redirect_stdout(io.StringIO()):
+            # save_latest=False: DeepSpeed's rank 0 would write `latest` without knowing that the others finished.
+            self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step}, save_latest=False)
+        files, problem = {}, None
+        try:
+            for path in written:
+                _fsync(path)
+                files[os.path.relpath(path, tag_dir)] = os.path.getsize(path)
+            _fsync(tag_dir)
+        except OSError as e:
+            problem = f"rank {rank}: {e.filename}: {e.strerror}"
+        _test_die_at("after-files", rank, step)
+        parts = self.comm.gather((files, problem), root=0)
+        if rank == 0:
+            problem = next((p for _, p in parts if p), None)
+            if problem is None:
+                try:
+                    self._publish(ckpt_dir, tag, step, parts, keep)
+                except OSError as e:
+                    problem = f"rank 0: {e.filename}: {e.strerror}"
+        problem = self.comm.bcast(problem, root=0)
+        if problem:
+            raise HpcLlamaError(f"checkpoint {tag_dir} could not be written ({problem})")
 
-            tags = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step-"))
-            for old in tags[:-keep]:
+    def _publish(self, ckpt_dir: str, tag: str, step: int, parts, keep: int) -> None:
+        """Rank 0, once every rank's files are durable: the completion marker, then `latest`, then retention."""
+        from ..atomic import open_atomic, write_json_atomic
+
+        tag_dir = os.path.join(ckpt_dir, tag)
+        listed = {name: {"size": size, "rank": r} for r, (files, _) in enumerate(parts) for name, size in files.items()}
+        write_json_atomic(os.path.join(tag_dir, MARKER), {
+            "format": MARKER_FORMAT, "version": 1, "tag": tag, "step": step, "world_size": self.info.world_size,
+            "pp": self.pp, "dp": self.dp, "zero": self.zero, "dtype": str(self.dtype), "files": listed})
+        _fsync(ckpt_dir)  # the tag directory's own entry, before `latest` can name it
+        _test_die_at("after-marker", 0, step)
+        with open_atomic(os.path.join(ckpt_dir, "latest")) as f:
+            f.write(tag)
+        _test_die_at("after-latest", 0, step)
+        if keep > 0:
+            tags = checkpoint_tags(ckpt_dir)
+            complete = {t for t in tags if t == tag or checkpoint_problem(os.path.join(ckpt_dir, t)) is None}
+            for old in retention_victims(tags, complete, keep):
                 shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
 
-    def load(self, ckpt_dir: str) -> int:
-        """Restore the newest checkpoint; returns the number of steps it had done."""
+    def load(self, ckpt_dir: str) -> tuple[int, str | None]:
+        """Restore the newest complete checkpoint, chosen by rank 0 for every rank.
+
+        Returns the number of steps it had done and, when newer checkpoints
+        were incomplete and passed over, a line saying so; (0, None) when there
+        is no checkpoint at all. Checkpoints that exist but none complete: an error.
+        """
+        choice = None
+        if self.info.rank == 0:
+            try:
+                choice = (*choose_checkpoint(ckpt_dir), None)
+            except HpcLlamaError as e:
+                choice = (None, None, str(e))
+        tag, notice, error = self.comm.bcast(choice, root=0)
+        if error:
+            raise HpcLlamaError(error)
+        if tag is None:
+            return 0, None
         with contextlib.redirect_stdout(io.StringIO()):
-            path, state = self.engine.load_checkpoint(ckpt_dir)
+            path, state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
         if path is None:
-            raise HpcLlamaError(f"{ckpt_dir}: no checkpoint to resume from")
-        return int(state["step"])
+            raise HpcLlamaError(f"{os.path.join(ckpt_dir, tag)}: DeepSpeed could not load this checkpoint")
+        return int(state["step"]), notice
 
     # --- export ---------------------------------------------------------------------
 
@@ -299,3 +363,159 @@ def stream_export(trainer: Trainer, writer, merged: bool) -> None:
             for name, (t,), _ in recv_tensors(comm, owner):
                 writer.add(name, t)
         comm.Barrier()
+
+
+# --- training checkpoints that survive a kill ------------------------------------------------
+#
+# The protocol (Trainer.save): every rank writes its DeepSpeed files into
+# checkpoints/step-NNNNNNN/ (DeepSpeed never writes `latest`: save_latest=False)
+# and fsyncs them and the directory; the ranks then report their files and
+# sizes to rank 0 (a gather), and only then rank 0 writes complete.json in the
+# tag directory (every file, its size and the rank that wrote it), fsyncs,
+# and atomically replaces `latest`. A checkpoint without its marker, or with a
+# listed file missing or of another size, is incomplete: a kill at any moment
+# leaves the previous complete checkpoint as it was. Resuming takes the newest
+# complete checkpoint (choose_checkpoint); retention never deletes it.
+
+MARKER = "complete.json"
+MARKER_FORMAT = "hpc_llama.train_checkpoint"
+_TAG = re.compile(r"step-(\d+)")
+
+
+def _fsync(path: str) -> None:
+    """Make a file's bytes, or a directory's entries, durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):
+            raise
+        # Some file systems cannot fsync a directory; its files themselves were.
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _recording_saves(engine, rank: int, step: int):
+    """The paths this rank's DeepSpeed engine writes while the block runs.
+
+    Every checkpoint file DeepSpeed writes (module, layer, optimiser and ZeRO
+    partition files) goes through engine.checkpoint_engine.save; recording it
+    tells each rank which files are its own, which a directory listing of the
+    shared tag directory cannot.
+    """
+    ce = engine.checkpoint_engine
+    original, written = ce.save, []
+
+    def save(state_dict, path):
+        original(state_dict, path)
+        written.append(path)
+        if len(written) == 1:
+            _test_die_at("mid-files", rank, step)
+
+    ce.save = save
+    try:
+        yield written
+    finally:
+        del ce.save
+
+
+def _test_die_at(point: str, rank: int, step: int) -> None:
+    """Test hook, inert unless HPC_LLAMA_TEST_DIE_AT=POINT:RANK:STEP is set: that rank SIGKILLs itself at that
+    point of that step's save, so tests/test_hostile_train.py tears a save exactly where it means to. Points, in
+    order: before-save, mid-files (after its first file), after-files (all fsynced, not yet reported), and rank
+    0's after-marker and after-latest (before retention)."""
+    if os.environ.get("HPC_LLAMA_TEST_DIE_AT") == f"{point}:{rank}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def checkpoint_tags(ckpt_dir: str) -> list[str]:
+    """The step-NNNNNNN directories in ckpt_dir, newest (highest step) first."""
+    try:
+        names = os.listdir(ckpt_dir)
+    except FileNotFoundError:
+        return []
+    tags = [n for n in names if _TAG.fullmatch(n) and os.path.isdir(os.path.join(ckpt_dir, n))]
+    return sorted(tags, key=lambda t: int(_TAG.fullmatch(t)[1]), reverse=True)
+
+
+def checkpoint_problem(tag_dir: str) -> str | None:
+    """Why the checkpoint in tag_dir is incomplete, or None: its marker is there and lists files all present,
+    each of the size its rank wrote."""
+    if not os.path.isdir(tag_dir):
+        return "its directory is missing"
+    try:
+        with open(os.path.join(tag_dir, MARKER)) as f:
+            marker = json.load(f)
+    except FileNotFoundError:
+        return f"no {MARKER}: its save was interrupted"
+    except (OSError, ValueError) as e:
+        return f"unreadable {MARKER}: {e}"
+    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT or not marker.get("files"):
+        return f"{MARKER} is not a {MARKER_FORMAT} marker"
+    for name, entry in sorted(marker["files"].items()):
+        try:
+            size = os.path.getsize(os.path.join(tag_dir, name))
+        except OSError:
+            return f"rank {entry['rank']}'s {name} is missing"
+        if size != entry["size"]:
+            return f"rank {entry['rank']}'s {name} has {size} bytes, not {entry['size']}"
+    return None
+
+
+def choose_checkpoint(ckpt_dir: str) -> tuple[str | None, str | None]:
+    """The tag to resume from: the newest complete checkpoint, and a line naming the newer incomplete ones
+    passed over (None if none was). (None, None): no checkpoint at all, start from scratch.
+
+    `latest` is only a pointer for people and DeepSpeed's tools: a checkpoint
+    whose marker was written is complete even if a kill came before `latest`
+    moved. A `latest` naming a missing directory counts as an incomplete one.
+    """
+    tags = checkpoint_tags(ckpt_dir)
+    try:
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            latest = f.read().strip()
+    except OSError:
+        latest = ""
+    if _TAG.fullmatch(latest) and latest not in tags:
+        tags = sorted([*tags, latest], key=lambda t: int(_TAG.fullmatch(t)[1]), reverse=True)
+    passed = []
+    for tag in tags:
+        problem = checkpoint_problem(os.path.join(ckpt_dir, tag))
+        if problem is None:
+            if not passed:
+                return tag, None
+            return tag, f"{_incomplete(passed)}; resuming from {tag}"
+        passed.append((tag, problem))
+    if not passed:
+        return None, None
+    raise HpcLlamaError(f"{ckpt_dir}: no complete checkpoint to resume from: {_incomplete(passed)} (remove the "
+                        f"directory, or use --overwrite instead of --resume, to start over)")
+
+
+def _incomplete(passed) -> str:
+    if len(passed) == 1:
+        return f"checkpoint {passed[0][0]} is incomplete ({passed[0][1]})"
+    shown = "; ".join(f"{t}: {p}" for t, p in passed[:3]) + (f"; {len(passed) - 3} more" if len(passed) > 3 else "")
+    return f"checkpoints {', '.join(t for t, _ in passed)} are incomplete ({shown})"
+
+
+def retention_victims(tags: list[str], complete: set[str], keep: int) -> list[str]:
+    """Which tags (newest first) to delete so that the newest `keep` complete ones stay.
+
+    Incomplete tags older than the newest complete one go; newer ones stay
+    (a later save of that step replaces them). With no complete tag nothing
+    goes: the only complete checkpoint is never deleted.
+    """
+    if keep <= 0 or not complete & set(tags):
+        return []
+    newest = next(i for i, t in enumerate(tags) if t in complete)
+    kept, victims = 0, []
+    for i, t in enumerate(tags):
+        if t in complete:
+            kept += 1
+            if kept > keep:
+                victims.append(t)
+        elif i > newest:
+            victims.append(t)
+    return victims

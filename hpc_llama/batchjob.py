@@ -49,7 +49,8 @@ class BatchJob:
     """One batch job's shared state on this rank: config, rank, checkpoint, inputs, journal, progress."""
 
     def __init__(self, args, section: str, flags: dict[str, str], overrides: list[str] = (),
-                 formats: tuple[str, ...] | None = None):
+                 formats: tuple[str, ...] | None = None, out: str | None = None, fmt: str | None = None):
+        from .atomic import OutputLock, check_not_an_input, sweep
         from .checkpoint import open_checkpoint
         from .config import SECTIONS, ParallelConfig, flag_overrides, load_sections
         from .documents import expand_inputs
@@ -66,13 +67,20 @@ class BatchJob:
         self.cfg = sections[section] or SECTIONS[section]()
         self.comm = world_comm()
         self.info = start_rank(self.comm)
-        self.fmt = output_format(args.output, args.format)
+        self.fmt = fmt or output_format(args.output, args.format)
         if formats is not None and self.fmt not in formats:
             raise HpcLlamaError(f"{section} writes " + " or ".join(f".{f}" for f in formats))
-        self.out = args.output
+        self.out = out or args.output
+        # Rank 0 alone writes: it takes the output (a second job on it is refused at once) and sweeps away
+        # what a killed job on it left behind.
+        self.lock = OutputLock(self.out).acquire() if self.info.rank == 0 else None
+        if self.lock is not None:
+            sweep(self.out)
         self.reader = open_checkpoint(args.model)
         self.tokenizer = Tokenizer.from_checkpoint(self.reader)
         self.files = expand_inputs(args.input)
+        if self.info.rank == 0:
+            check_not_an_input(self.out, [f.path for f in self.files] + [self.reader.path])
         require_layout(self.info.world_size, self.parallel.pp)
         self.journal = None
         self.start = 0
@@ -119,18 +127,28 @@ class BatchJob:
         from .parallel.ranks import start_distributed, stop_distributed
         from .progress import Progress
 
-        if self.parallel.pp > 1:
-            start_distributed(self.info, self.comm, self.parallel.timeout_s)
         try:
+            if self.parallel.pp > 1:
+                start_distributed(self.info, self.comm, self.parallel.timeout_s)
             self.progress = Progress(self.info, total, self.start, quiet=self.quiet, unit=unit)
             if self.start:
                 self.progress.log(f"resuming: {self.start} of {total} records are written already")
             yield self
             self.progress.close()
             self.comm.Barrier()
+        except BaseException:
+            if self.journal is not None and self.journal.documents_done == 0:
+                self.journal.discard()  # nothing written: the corrected rerun must find the output free
+            raise
         finally:
-            self.reader.close()
             stop_distributed()
+            self.close()
+
+    def close(self) -> None:
+        """Let go of the checkpoint and the output (a job that ends early calls this itself)."""
+        self.reader.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def commit(self, lines: list[str], stats: dict, tokens: int) -> None:
         """Rank 0: one step's records, durable before they count as done."""

@@ -30,6 +30,30 @@ JOBS = {
 }
 
 
+def finite_float(text: str) -> float:
+    """An argparse type: a float that is a real number (NaN and infinity would pass every range check)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for a count given on the command line: at least 1 (0 is not a way to say 'default')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_overwrite_argument(p, what: str = "OUT") -> None:
     """The one flag that replaces an existing output, in every job; `--force`, its old name in some jobs,
     stays as a hidden alias so existing scripts keep working."""

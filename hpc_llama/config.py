@@ -8,6 +8,7 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -72,12 +73,14 @@ class ScoreConfig:
     """A step also ends once its documents hold this many characters."""
     token_logprobs: bool = False
     """Write each document's per-token log-probabilities too."""
+    max_document_bytes: int = 8 << 20
+    """A larger document (a JSONL line or a text file, in bytes) is an error naming its file and line."""
 
     def __post_init__(self):
         for name in ("context", "stride", "micro_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        for name in ("tokens_per_batch", "max_batch", "chunk_docs", "chunk_chars"):
+        for name in ("tokens_per_batch", "max_batch", "chunk_docs", "chunk_chars", "max_document_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.context and self.stride > self.context:
@@ -115,7 +118,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     """A DeepSpeed checkpoint every this many steps (0: only on a signal and at the end)."""
     keep_checkpoints: int = 2
-    """Newest checkpoints kept; older ones are deleted."""
+    """Newest complete checkpoints kept (0: all); torn ones older than the newest complete one are deleted."""
     seed: int = 0
     """Seed of the initial weights (pretraining), the LoRA adapters and the data order."""
     zero: int = 1
@@ -137,6 +140,9 @@ class TrainConfig:
             raise ValueError(f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch}")
         if not 0 < self.min_lr <= self.lr:
             raise ValueError("need 0 < min_lr <= lr")
+        for name in ("eval_every", "eval_sequences", "checkpoint_every", "keep_checkpoints", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"zero must be 0, 1, 2 or 3, got {self.zero}")
         if len(self.betas) != 2:
@@ -180,6 +186,8 @@ class GenerateConfig:
     """Wrap each text prompt in the checkpoint's chat template as one user turn, ready for the answer."""
     chunk_docs: int = 1024
     """Prompts finished, gathered and written per step; a resumed job restarts at a step boundary."""
+    max_document_bytes: int = 8 << 20
+    """A larger prompt (a JSONL line or a line of a text file, in bytes) is an error naming its file and line."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -190,7 +198,7 @@ class GenerateConfig:
             raise ValueError(f"top_k must not be negative, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        for name in ("batch_size", "chunk_docs"):
+        for name in ("batch_size", "chunk_docs", "max_document_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.groups < 0 or self.context < 0:
@@ -250,9 +258,11 @@ def _coerce(value, hint, where):
     if hint is float and isinstance(value, str):
         # YAML 1.1 reads 1e-5 (no dot) as a string; it is meant as a number.
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise HpcLlamaError(f"{where}: expected a finite number, got {value!r}")
     if hint in (int, float, str, bool):
         if type(value) is not hint:
             raise HpcLlamaError(f"{where}: expected {hint.__name__}, got {value!r}")

@@ -19,6 +19,10 @@ import xxhash
 from .errors import HpcLlamaError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+# The largest document (a JSONL line, a text file, or a line of one) read by default. Generous -- a long
+# book is a few MB -- but bounded: tokenizing 16 MB in one piece took 2.7 GB of memory and 16 s here, and a
+# 200 MB line aborted the tokenizer. Each job has a setting to raise it (score.max_document_bytes, ...).
+MAX_DOCUMENT_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,13 @@ class Fields:
     """Set for task data: records then need `text` (the prompt field) and this field."""
     text_lines: bool = False
     """A plain-text file holds one document per non-empty line (prompts), not one in all."""
+    max_bytes: int = MAX_DOCUMENT_BYTES
+    """A document larger than this (in bytes, as stored) is an error naming its file and line."""
+
+
+def _too_large(where: str, size: int, fields: Fields) -> HpcLlamaError:
+    return HpcLlamaError(f"{where}: the document is {size:,} bytes, more than the limit of {fields.max_bytes:,} "
+                         f"(raise max_document_bytes for this job, or split the document)")
 
 
 def parse_line(raw: bytes, where: str, index: int, fields: Fields, vocab_size: int | None) -> Document:
@@ -132,6 +143,8 @@ def read_documents(files: list[InputFile], fields: Fields = Fields(), vocab_size
                     if index >= start:
                         where = f"{f.path}:{lineno}"
                         try:
+                            if len(raw) > fields.max_bytes:
+                                raise _too_large(where, len(raw), fields)
                             yield Document(index, where, _utf8(raw.rstrip(b"\r\n"), where), None, where)
                         except HpcLlamaError as e:
                             if on_error is None:
@@ -141,9 +154,12 @@ def read_documents(files: list[InputFile], fields: Fields = Fields(), vocab_size
             continue
         if f.kind == "text":
             if index >= start:
-                with open(f.path, "rb") as fh:
-                    raw = fh.read()
                 try:
+                    with open(f.path, "rb") as fh:
+                        size = os.fstat(fh.fileno()).st_size
+                        if size > fields.max_bytes:
+                            raise _too_large(f.path, size, fields)
+                        raw = fh.read()
                     yield Document(index, f.path, _utf8(raw, f.path), None, f.path)
                 except HpcLlamaError as e:
                     if on_error is None:
@@ -157,6 +173,8 @@ def read_documents(files: list[InputFile], fields: Fields = Fields(), vocab_size
                     continue
                 if index >= start:
                     try:
+                        if len(raw) > fields.max_bytes:
+                            raise _too_large(f"{f.path}:{lineno}", len(raw), fields)
                         doc = parse_line(raw, f"{f.path}:{lineno}", index, fields, vocab_size)
                     except HpcLlamaError as e:
                         if on_error is None:

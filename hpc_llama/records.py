@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 
-from .atomic import atomic_path, check_destination, publish, write_json_atomic
+from .atomic import atomic_path, check_destination, open_regular, publish, write_json_atomic
 from .errors import HpcLlamaError
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}
@@ -41,9 +41,10 @@ class Journal:
         self.state = {"documents": 0, "bytes": 0, "steps": 0, "stats": {}}
         self.resumed = False
         check_destination(out, overwrite)
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                saved = json.load(f)
+        saved = self._read_saved()
+        # A journal that recorded nothing (its job failed or was killed before its
+        # first step) holds nothing to protect: the new job starts over in its place.
+        if saved is not None and saved["state"]["documents"] > 0:
             keys = list(fingerprint) + [k for k in saved["fingerprint"] if k not in fingerprint]
             differs = [k for k in keys if saved["fingerprint"].get(k) != fingerprint.get(k)]
             if differs:
@@ -52,12 +53,31 @@ class Journal:
                     f"(delete {os.path.basename(self.partial)} and {os.path.basename(self.path)} to start over)")
             self.state = saved["state"]
             self.resumed = True
-            with open(self.partial, "r+b") as f:
-                f.truncate(self.state["bytes"])  # drop a step that was being written when the job died
+            fd = open_regular(self.partial, os.O_RDWR)
+            try:
+                if os.fstat(fd).st_size < self.state["bytes"]:
+                    raise HpcLlamaError(f"{self.partial} is shorter than {self.path} records: it was changed by "
+                                        f"something else; delete both to start over")
+                os.ftruncate(fd, self.state["bytes"])  # drop a step that was being written when the job died
+            finally:
+                os.close(fd)
         else:
-            with open(self.partial, "wb"):
-                pass
+            os.close(open_regular(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC))
             self._save()
+
+    def _read_saved(self) -> dict | None:
+        if not os.path.lexists(self.path):
+            return None
+        fd = open_regular(self.path, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as f:
+            try:
+                saved = json.loads(f.read())
+                if not (isinstance(saved["state"]["documents"], int) and isinstance(saved["fingerprint"], dict)):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError):
+                raise HpcLlamaError(f"{self.path} is not a journal of this tool: delete it and "
+                                    f"{os.path.basename(self.partial)} to start over") from None
+        return saved
 
     @property
     def documents_done(self) -> int:
@@ -66,16 +86,31 @@ class Journal:
     def commit(self, lines: list[str], stats: dict) -> None:
         """Append one step's records and make them durable before recording them as done."""
         data = "".join(lines).encode()
-        with open(self.partial, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = open_regular(self.partial, os.O_WRONLY | os.O_APPEND)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            # Disk full, quota, I/O error: what the journal records stays whole (a rerun drops this step's
+            # bytes and carries on), so the message says which file and that nothing is lost.
+            raise HpcLlamaError(f"{self.partial}: {e.strerror} while writing; the {self.documents_done} records "
+                                f"before this step are kept: run the same command again to carry on") from None
+        finally:
+            os.close(fd)
         self.state["documents"] += len(lines)
         self.state["bytes"] += len(data)
         self.state["steps"] += 1
         for k, v in stats.items():
             self.state["stats"][k] = self.state["stats"].get(k, 0) + v
         self._save()
+
+    def discard(self) -> None:
+        """Remove the journal and the partial file (a job that recorded nothing)."""
+        for path in (self.partial, self.path):
+            if os.path.lexists(path):
+                os.remove(path)
 
     def _save(self) -> None:
         write_json_atomic(self.path, {"fingerprint": self.fingerprint, "state": self.state}, indent=None)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 
 def add_arguments(p):
-    from ..cli import add_overwrite_argument, add_quiet_argument
+    from ..cli import add_overwrite_argument, add_quiet_argument, finite_float
     from .chain import PROJECTIONS
 
     p.add_argument("--model", required=True, help="checkpoint to compress (.h5, sharded, HF, GGUF or smollm2-135m)")
@@ -35,11 +35,11 @@ def add_arguments(p):
     p.add_argument("--embeddings", nargs="?", const="same", choices=("same", "int8", "int4"),
                    help="quantize the token embedding and output head too: with the method's scheme, "
                    "or int8 / int4 whatever the method")
-    p.add_argument("--sparsity", type=float, help="prune: fraction of each matrix's weights set to zero")
-    p.add_argument("--ffn-prune", type=float, help="prune-ffn: fraction of FFN channels removed per layer")
-    p.add_argument("--head-prune", type=float, help="prune-heads: fraction of query heads removed per KV group")
+    p.add_argument("--sparsity", type=finite_float, help="prune: fraction of each matrix's weights set to zero")
+    p.add_argument("--ffn-prune", type=finite_float, help="prune-ffn: fraction of FFN channels removed per layer")
+    p.add_argument("--head-prune", type=finite_float, help="prune-heads: fraction of query heads removed per KV group")
     p.add_argument("--rank", type=int, help="lowrank: rank of the factors")
-    p.add_argument("--energy", type=float, help="lowrank: keep this fraction of each matrix's squared singular "
+    p.add_argument("--energy", type=finite_float, help="lowrank: keep this fraction of each matrix's squared singular "
                    "values (a projection is left whole when its rank would not save anything)")
     p.add_argument("--targets", default=",".join(PROJECTIONS), help="projections the methods apply to "
                    "(default all: " + ",".join(PROJECTIONS) + ")")
@@ -61,25 +61,36 @@ CALIBRATED = ("gptq", "prune", "prune-ffn", "prune-heads")
 
 
 def run(args) -> int:
-    import os
+    import contextlib
     import time
 
-    from ..atomic import check_destination
-    from ..checkpoint import open_checkpoint
-    from ..checkpoint.slices import check_structure
-    from ..config import ParallelConfig
-    from ..errors import HpcLlamaError
-    from ..parallel.layout import stage_plans
+    from ..atomic import claim_output
+    from ..embedded import resolve
     from ..parallel.ranks import start_rank, world_comm
-    from ..tokenizer import Tokenizer
-    from .chain import restrict
-    from .methods import parse_layers
 
     t_start = time.time()
     comm = world_comm()
     info = start_rank(comm)
     steps, targets, calibrated = _plan(args)
-    check_destination(args.output, args.overwrite)
+    # Rank 0 alone writes: it takes the output for the whole job.
+    with claim_output(args.output, [resolve(args.model)], args.overwrite) if info.rank == 0 else \
+            contextlib.nullcontext():
+        return _compress(args, comm, info, steps, targets, calibrated, t_start)
+
+
+def _compress(args, comm, info, steps, targets, calibrated, t_start) -> int:
+    import os
+    import time
+
+    from ..checkpoint import open_checkpoint
+    from ..checkpoint.slices import check_structure
+    from ..config import ParallelConfig
+    from ..errors import HpcLlamaError
+    from ..parallel.layout import stage_plans
+    from ..tokenizer import Tokenizer
+    from .chain import restrict
+    from .methods import parse_layers
+
     reader = open_checkpoint(args.model)
     check_structure(reader)
     cfg = reader.config

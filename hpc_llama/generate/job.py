@@ -21,20 +21,21 @@ from ..errors import HpcLlamaError
 
 def add_arguments(p):
     from ..batchjob import add_closing_arguments, add_common_arguments
+    from ..cli import finite_float, positive_int
 
     add_common_arguments(p, model_help="checkpoint: .h5, sharded directory, HF directory, GGUF file, or smollm2-135m",
                          input_help="JSONL prompts, text files (a prompt per line), or globs",
                          output_help="OUT.jsonl or OUT.parquet", formats=("jsonl", "parquet"),
                          sections="generate/parallel")
     p.add_argument("--max-new-tokens", type=int, help="most new tokens per prompt (default 128)")
-    p.add_argument("--temperature", type=float, help="0 = greedy (default); otherwise sample")
+    p.add_argument("--temperature", type=finite_float, help="0 = greedy (default); otherwise sample")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set reaching probability p")
+    p.add_argument("--top-p", type=finite_float, help="nucleus sampling: the smallest set reaching probability p")
     p.add_argument("--seed", type=int, help="sampling seed (each prompt mixes in its index)")
     p.add_argument("--stop", action="append", metavar="STR", help="a string that ends a completion (repeatable)")
     p.add_argument("--batch-size", type=int, help="sequence slots per replica (default 8)")
-    p.add_argument("--groups", type=int, help="micro-batches in flight (default one per stage)")
-    p.add_argument("--context", type=int, help="longest prompt + completion (default: the model's context)")
+    p.add_argument("--groups", type=positive_int, help="micro-batches in flight (default one per stage)")
+    p.add_argument("--context", type=positive_int, help="longest prompt + completion (default: the model's context)")
     p.add_argument("--no-bos", action="store_true", help="do not put BOS before text prompts")
     p.add_argument("--chat", action="store_true",
                    help="put each text prompt in the checkpoint's chat template as a user turn")
@@ -62,7 +63,7 @@ def run(args) -> int:
         if job.tokenizer is None:
             raise HpcLlamaError("--chat needs the checkpoint's tokenizer, and it has none")
         job.tokenizer = ChatTokenizer.from_checkpoint(reader, job.tokenizer)
-    fields = Fields(cfg.prompt_field, cfg.id_field, text_lines=True)
+    fields = Fields(cfg.prompt_field, cfg.id_field, text_lines=True, max_bytes=cfg.max_document_bytes)
     context = cfg.context or reader.config.max_seq_len
     if context > reader.config.max_seq_len:
         raise HpcLlamaError(f"context {context} exceeds the model's {reader.config.max_seq_len} tokens")

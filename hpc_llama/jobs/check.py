@@ -15,13 +15,14 @@ from __future__ import annotations
 
 
 def add_arguments(p):
+    from ..cli import finite_float
     p.add_argument("--model", required=True, help="checkpoint: .h5, sharded directory or HF directory")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (ranks / pp data-parallel replicas)")
     p.add_argument("--partition", choices=("compute", "balanced", "uniform"), default="compute")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="fp32")
     p.add_argument("--lengths", default="7,33,128", help="comma-separated sequence lengths to run")
     p.add_argument("--micro-batches", type=int, default=2, help="micro-batches per call (at least pp keeps stages busy)")
-    p.add_argument("--tolerance", type=float, default=None, help="largest allowed max-abs logit difference "
+    p.add_argument("--tolerance", type=finite_float, default=None, help="largest allowed max-abs logit difference "
                    "(default 1e-5 in fp32, 5e-2 in bf16)")
     p.add_argument("--no-reference", action="store_true", help="skip the whole-model comparison")
     p.add_argument("--seed", type=int, default=0)

@@ -50,9 +50,25 @@ def destination_format(dst: str, src_format: str, requested: str | None, shard_s
 
 
 def run(args) -> int:
+    from ..atomic import claim_output
+    from ..embedded import resolve
+    from ..parallel.ranks import world_comm
+
+    comm = world_comm()
+    if comm.Get_rank() != 0:
+        comm.Barrier()  # conversion is serial: the other ranks only wait for it
+        return 0
+    with claim_output(args.dst, [resolve(args.src)], args.overwrite):
+        _convert(args)
+    if comm.Get_size() > 1:
+        comm.Barrier()
+    return 0
+
+
+def _convert(args) -> None:
     import torch
 
-    from ..atomic import atomic_path, check_destination
+    from ..atomic import atomic_path
     from ..checkpoint import open_checkpoint
     from ..checkpoint.h5 import write_checkpoint
     from ..checkpoint.hf import write_hf
@@ -61,14 +77,8 @@ def run(args) -> int:
     from ..config import parse_size
     from ..errors import HpcLlamaError
     from ..model.quantized import SCHEMES
-    from ..parallel.ranks import world_comm
     from ..progress import report
 
-    comm = world_comm()
-    if comm.Get_rank() != 0:
-        comm.Barrier()  # conversion is serial: the other ranks only wait for it
-        return 0
-    check_destination(args.dst, args.overwrite)
     reader = open_checkpoint(args.src)
     try:
         check_structure(reader)
@@ -94,6 +104,3 @@ def run(args) -> int:
         report(f"wrote {args.dst} ({fmt}, {n} tensors, {reader.config.n_params / 1e6:.1f}M parameters)", args.quiet)
     finally:
         reader.close()
-        if comm.Get_size() > 1:
-            comm.Barrier()
-    return 0

@@ -28,7 +28,7 @@ def add_arguments(p):
 def run(args) -> int:
     import torch
 
-    from ..atomic import atomic_path, check_destination
+    from ..atomic import atomic_path, claim_output
     from ..checkpoint.h5 import write_checkpoint
     from ..checkpoint.views import InitReader
     from ..config import load_sections, parse_size
@@ -39,7 +39,7 @@ def run(args) -> int:
     cfg = sections["model"]
     if cfg is None:
         raise HpcLlamaError(f"{args.config}: no model section to initialise from")
-    check_destination(args.dst, args.overwrite)
+    lock = claim_output(args.dst, [args.tokenizer] if args.tokenizer else [], args.overwrite)
     assets = {}
     if args.tokenizer:
         try:
@@ -49,7 +49,7 @@ def run(args) -> int:
             raise HpcLlamaError(f"{args.tokenizer}: {e.strerror}") from None
     reader = InitReader(cfg, args.seed, torch.float32 if args.dtype == "fp32" else torch.bfloat16, assets)
     shard = parse_size(args.shard_size) if args.shard_size else None
-    with atomic_path(args.dst, args.overwrite) as tmp:
+    with lock, atomic_path(args.dst, args.overwrite) as tmp:
         write_checkpoint(tmp, reader, shard)
     report(f"wrote {args.dst}: {cfg.n_params / 1e6:,.1f}M parameters, seed {args.seed}, {args.dtype}", args.quiet)
     return 0

@@ -11,6 +11,7 @@ exception on any rank into one rank-tagged line and ends every rank.
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import socket
 import sys
@@ -210,6 +211,9 @@ def _routable_address() -> str:
         s.close()
 
 
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
+
+
 def run_guarded(main, argv=None, comm=None) -> int:
     """Run `main(argv)`; an exception on any rank prints one rank-tagged line and ends every rank.
 
@@ -238,11 +242,19 @@ def run_guarded(main, argv=None, comm=None) -> int:
             code, line = 130, "interrupted"
         elif isinstance(e, HpcLlamaError):
             code, line = 2, f"error: {e}"
+        elif isinstance(e, OSError) and (e.filename is not None or e.errno in _ENVIRONMENT_ERRNOS):
+            # The file system said no (permissions, a full disk, a missing path): the user's environment,
+            # named by its path, not a bug.
+            where = "" if e.filename is None else f"{e.filename}: "
+            code, line = 2, f"error: {where}{e.strerror or e}"
         else:
             detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
             code, line = 1, f"error: {type(e).__name__}: {detail}"
             if os.environ.get("HPC_LLAMA_DEBUG"):
                 traceback.print_exc()
+        from ..atomic import OutputLock
+
+        OutputLock.release_all()  # the job ends here: its outputs are free for the next one
         if line is not None:
             if rank != 0:
                 # Bad input fails on every rank at once; rank 0 speaks for

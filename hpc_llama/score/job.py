@@ -20,6 +20,7 @@ from ..errors import HpcLlamaError
 
 def add_arguments(p):
     from ..batchjob import add_closing_arguments, add_common_arguments
+    from ..cli import positive_int
 
     add_common_arguments(p, model_help="checkpoint: .h5, sharded directory, HF directory, GGUF file, or smollm2-135m",
                          input_help="JSONL files, .txt files, directories of .txt, or globs",
@@ -27,8 +28,8 @@ def add_arguments(p):
                          sections="score/parallel")
     p.add_argument("--text-field", help="JSONL field with the text (default text)")
     p.add_argument("--id-field", help="JSONL field with the id (default id)")
-    p.add_argument("--context", type=int, help="most tokens per window (default: the model's context)")
-    p.add_argument("--stride", type=int, help="new tokens per window after the first (default: the context)")
+    p.add_argument("--context", type=positive_int, help="most tokens per window (default: the model's context)")
+    p.add_argument("--stride", type=positive_int, help="new tokens per window after the first (default: the context)")
     p.add_argument("--tokens-per-batch", type=int, help="padded tokens per micro-batch (default 8192)")
     p.add_argument("--max-batch", type=int, help="most sequences per micro-batch (default 64)")
     p.add_argument("--token-logprobs", action="store_true", help="also write per-token log-probabilities")
@@ -52,18 +53,17 @@ def run(args) -> int:
     from .records import SCORE_COLUMNS, parse_shard, part_path, step_lines
     from .scorer import Scorer
 
+    # A part of a sharded job is JSON lines whatever OUT's format: `merge` writes OUT.
+    shard = parse_shard(args.shard) if args.shard else None
     job = BatchJob(args, "score", _FLAGS,
-                   ["score.token_logprobs=true"] * args.token_logprobs + ["score.add_bos=false"] * args.no_bos)
+                   ["score.token_logprobs=true"] * args.token_logprobs + ["score.add_bos=false"] * args.no_bos,
+                   out=part_path(args.output, *shard) if shard else None, fmt="jsonl" if shard else None)
     cfg, reader, info = job.cfg, job.reader, job.info
-    shard = None
-    if args.shard:  # a part is JSON lines whatever OUT's format: `merge` writes OUT
-        shard = parse_shard(args.shard)
-        job.out, job.fmt = part_path(args.output, *shard), "jsonl"
-    fields = Fields(cfg.text_field, cfg.id_field)
+    fields = Fields(cfg.text_field, cfg.id_field, max_bytes=cfg.max_document_bytes)
     if args.ledger:
         job.files = _select_new(job, shard, fields)
         if job.files is None:
-            reader.close()
+            job.close()
             return 0
 
     def scan(files):

@@ -52,23 +52,34 @@ def find_parts(out: str, expected: int | None) -> list[str]:
 
 
 def run(args) -> int:
-    import json
-    import math
     import os
-    import shutil
 
-    from ..atomic import write_json_atomic
+    from ..atomic import claim_output
     from ..errors import HpcLlamaError
     from ..parallel.ranks import world_comm
-    from ..progress import report
-    from ..records import Journal, output_format
-    from .records import SCORE_COLUMNS
+    from ..records import output_format
 
     comm = world_comm()
     if comm.Get_size() > 1:
         raise HpcLlamaError("merge runs as one process")
     fmt = output_format(args.output, args.format)
     out = os.path.abspath(args.output)
+    with claim_output(out, overwrite=args.overwrite):
+        return _merge(args, out, fmt)
+
+
+def _merge(args, out, fmt) -> int:
+    import json
+    import math
+    import os
+    import shutil
+
+    from ..atomic import open_regular, write_json_atomic
+    from ..errors import HpcLlamaError
+    from ..progress import report
+    from ..records import Journal
+    from .records import SCORE_COLUMNS
+
     parts = find_parts(out, args.parts)
     summaries = []
     for i, p in enumerate(parts):
@@ -98,7 +109,7 @@ def run(args) -> int:
     if expect != first["shard"]["of"]:
         raise HpcLlamaError(f"the parts cover {expect} of {first['shard']['of']} documents")
     journal = Journal(out, {"merge": [os.path.basename(p) for p in parts]}, args.overwrite)
-    with open(journal.partial, "wb") as dst:
+    with os.fdopen(open_regular(journal.partial, os.O_WRONLY | os.O_TRUNC), "wb") as dst:
         for p in parts:
             with open(p, "rb") as src:
                 shutil.copyfileobj(src, dst, 16 << 20)

@@ -45,6 +45,7 @@ def run(args) -> int:
     import os
     import time
 
+    from ..atomic import OutputLock
     from ..config import ParallelConfig, TrainConfig, flag_overrides, load_sections
     from ..parallel.ranks import resolve_dtype, start_distributed, start_rank, stop_distributed, world_comm
     from ..progress import Progress, report
@@ -65,11 +66,13 @@ def run(args) -> int:
     parallel, tcfg = sections["parallel"] or ParallelConfig(), sections["train"] or TrainConfig()
     comm = world_comm()
     info = start_rank(comm)
+    run_dir = os.path.abspath(args.out)
+    # Rank 0 takes the run directory for this run: a second run on it (a job submitted twice) is refused at once.
+    lock = OutputLock(run_dir).acquire() if info.rank == 0 else None
     manifest = load_manifest(args.data)
     _verify_shards(args.data, manifest, info, comm)
     reader = _model_source(args, sections["model"], tcfg, manifest)
     dp, zero, dtype = _layout(info, parallel, tcfg, reader.config, resolve_dtype)
-    run_dir = os.path.abspath(args.out)
     snapshot = {"sections": {k: (v.__dict__ if v is not None else None) for k, v in sections.items()},
                 "data": {"inputs": manifest["inputs"], "totals": manifest["totals"], "seed": manifest["seed"]},
                 "init": reader.fingerprint() if args.init else None, "zero": zero, "dtype": str(dtype)}
@@ -135,6 +138,8 @@ def run(args) -> int:
     finally:
         stop.restore()
         stop_distributed()
+        if lock is not None:
+            lock.release()
     return 0
 
 

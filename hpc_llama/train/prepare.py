@@ -16,7 +16,8 @@ from __future__ import annotations
 
 
 def add_arguments(p):
-    from ..cli import add_overwrite_argument, add_quiet_argument
+    from ..cli import add_overwrite_argument, add_quiet_argument, positive_int
+    from ..documents import MAX_DOCUMENT_BYTES
 
     p.add_argument("--input", required=True, nargs="+", help="JSONL files, text files, directories of .txt, or globs")
     p.add_argument("--output", required=True, help="data directory to create")
@@ -29,6 +30,8 @@ def add_arguments(p):
     p.add_argument("--response-field", default="response", help="JSONL response field with --task")
     p.add_argument("--chunk-docs", type=int, default=4096, help="documents per shard")
     p.add_argument("--skip-bad", action="store_true", help="skip documents that cannot be read (counted in the manifest)")
+    p.add_argument("--max-document-bytes", type=positive_int, default=MAX_DOCUMENT_BYTES,
+                   help=f"a larger document is an error (or skipped with --skip-bad); default {MAX_DOCUMENT_BYTES:,}")
     add_overwrite_argument(p, "the output directory")
     add_quiet_argument(p)
 
@@ -39,7 +42,7 @@ def run(args) -> int:
 
     import numpy as np
 
-    from ..atomic import atomic_path
+    from ..atomic import atomic_path, claim_output
     from ..documents import Fields, expand_inputs, read_documents, scan_inputs
     from ..errors import HpcLlamaError
     from ..parallel.ranks import start_rank, world_comm
@@ -53,11 +56,12 @@ def run(args) -> int:
     if args.chunk_docs < 1:
         raise HpcLlamaError("--chunk-docs must be at least 1")
     fields = Fields(args.text_field or ("prompt" if args.task else "text"), "id",
-                    args.response_field if args.task else None)
+                    args.response_field if args.task else None, max_bytes=args.max_document_bytes)
     files = expand_inputs(args.input)
     with contextlib.ExitStack() as on_rank_0:  # the directory appears whole, renamed into place by rank 0
         state = None
         if info.rank == 0:
+            on_rank_0.enter_context(claim_output(args.output, [f.path for f in files], args.overwrite))
             tmp = on_rank_0.enter_context(atomic_path(args.output, args.overwrite))
             skipped: list[str] = []
             files, _ = scan_inputs(files, fields, None, True, on_error=skipped.append if args.skip_bad else None)

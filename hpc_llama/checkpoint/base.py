@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 
 import torch
 
@@ -11,6 +13,60 @@ from ..model.llama import ModelConfig
 from .tensors import DTYPES, TORCH_NAMES, TensorInfo, empty_for
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def shown(value, limit: int = 200) -> str:
+    """A value a model file gave, for an error message: its repr, cut short (a file may hold megabytes there)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _roots(directory: str) -> list[str]:
+    """Where a model directory's files may resolve to: the directory itself, and for a snapshot of the
+    Hugging Face hub cache (models--ORG--NAME/snapshots/REV, whose files link to ../../blobs) that
+    repository's blobs."""
+    root = os.path.realpath(directory)
+    roots = [root]
+    snapshots, repo = os.path.dirname(root), os.path.dirname(os.path.dirname(root))
+    if os.path.basename(snapshots) == "snapshots" and os.path.basename(repo).startswith("models--"):
+        roots.append(os.path.join(repo, "blobs"))
+    return roots
+
+
+def file_inside(directory: str, name, source: str, entry: str) -> str:
+    """The path of file `name` that `source` (an index, a config) names at `entry`, refused unless it is a
+    plain file name (no directory part, no `..`) of a regular file that stays inside `directory` once
+    symlinks are resolved. Nothing is opened before that is known."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "\0" in name
+            or os.path.basename(name) != name or os.path.isabs(name)):
+        raise HpcLlamaError(f"{source}: {entry} names {shown(name)}, which is not a plain file name "
+                            f"inside the model directory")
+    path = os.path.join(directory, name)
+    real = os.path.realpath(path)
+    if not any(os.path.commonpath([root, real]) == root and real != root for root in _roots(directory)):
+        raise HpcLlamaError(f"{source}: {entry} names {shown(name)}, a link that leads outside the model directory")
+    try:
+        mode = os.stat(real).st_mode
+    except OSError:
+        raise HpcLlamaError(f"{source}: {entry} names {shown(name)}, which does not exist") from None
+    if not stat.S_ISREG(mode):
+        raise HpcLlamaError(f"{source}: {entry} names {shown(name)}, which is not a regular file")
+    return path
+
+
+def check_layers(reader: "CheckpointReader") -> None:
+    """The config's layer count is the file's: layers 0..n_layers-1 each store tensors, and no other does.
+
+    Checked at open, before anything is built per layer (a meta model, a stage plan), so a config that
+    claims a billion layers costs as much as the names the file lists, not a billion modules.
+    """
+    stored = {unit_of(n) for n in reader.names()} - {"embed", "head"}
+    n = reader.config.n_layers
+    if len(stored) != n or (stored and (min(stored) != 0 or max(stored) != n - 1)):
+        first = min(set(range(min(n, len(stored) + 1))) - stored, default=None)
+        what = f"layer {first} stores no tensor" if first is not None else \
+            f"it stores layers up to {max(stored)}"
+        raise HpcLlamaError(f"{reader.path}: the model config says {n} layers, but {what}")
 
 
 def unit_of(name: str):

@@ -17,15 +17,17 @@ here, the one place that knows about them:
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
 
 import numpy as np
 import torch
 
 from ..errors import HpcLlamaError
-from ..model.llama import ModelConfig
-from .base import TableReader
-from .hf import hf_config_from_model
+from ..model.llama import InvalidModelConfig, ModelConfig
+from .base import TableReader, shown
+from .hf import config_error, hf_config_from_model
 from .tensors import TensorInfo, numpy_view
 
 # GGUF tensor names -> ours.
@@ -49,6 +51,121 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = ("default", "gpt2", "smollm", "llama-bpe")
+
+
+# Our ModelConfig fields -> the metadata keys they come from, so an error names the key in the file.
+_GGUF_KEYS = {"vocab_size": "llama.vocab_size", "dim": "llama.embedding_length", "n_layers": "llama.block_count",
+              "n_heads": "llama.attention.head_count", "n_kv_heads": "llama.attention.head_count_kv",
+              "head_dim": "llama.attention.key_length", "ffn_dim": "llama.feed_forward_length",
+              "norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
+              "rope_scaling": "llama.rope.scaling", "max_seq_len": "llama.context_length",
+              "bos_id": "tokenizer.ggml.bos_token_id", "eos_ids": "tokenizer.ggml.eos_token_id"}
+
+# Limits on what the gguf package would build Python objects for (a few hundred bytes each) while it
+# parses the header: far above real models (Llama 3.1 405B has 1138 tensors; Gemma 3's tokenizer has
+# 3 arrays of 262144 entries), far below what a small file could claim.
+MAX_TENSORS = 1 << 16
+MAX_ARRAY_ITEMS = 1 << 21
+"""Entries of all metadata arrays together."""
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+_STRING, _ARRAY = 8, 9
+
+
+def check_layout(path: str) -> None:
+    """Walk a GGUF header and refuse any count, length, shape or offset the file cannot hold.
+
+    Done before the gguf package parses the file: it believes every count (an array that claims 2**63
+    entries past the end of the file keeps it looping and allocating), and so would we.
+    """
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    def bad(what):
+        return HpcLlamaError(f"{path}: corrupt GGUF file ({what})")
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise bad("shorter than its header")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"  # as the gguf package guesses it
+        pos = 8
+        budget = [MAX_ARRAY_ITEMS]
+
+        def take(fmt):
+            nonlocal pos
+            if pos + struct.calcsize(fmt) > size:
+                raise bad("a field runs past the end of the file")
+            (v,) = struct.unpack_from(order + fmt, buf, pos)
+            pos += struct.calcsize(fmt)
+            return v
+
+        def skip(n, what):
+            nonlocal pos
+            if n > size - pos:
+                raise bad(f"{what} runs past the end of the file")
+            pos += n
+
+        def value(kind, depth=0):
+            if kind in _SCALAR_SIZES:
+                skip(_SCALAR_SIZES[kind], "a value")
+            elif kind == _STRING:
+                skip(take("Q"), "a string")
+            elif kind == _ARRAY and depth < 4:
+                item, n = take("I"), take("Q")
+                budget[0] -= n
+                if budget[0] < 0:
+                    raise bad(f"its metadata arrays hold over {MAX_ARRAY_ITEMS} entries")
+                if item in _SCALAR_SIZES:
+                    skip(n * _SCALAR_SIZES[item], "an array")
+                else:
+                    for _ in range(n):
+                        value(item, depth + 1)
+            else:
+                raise bad(f"unknown value type {kind}")
+
+        n_tensors, n_kv = take("Q"), take("Q")
+        if n_tensors > MAX_TENSORS:
+            raise bad(f"it claims {n_tensors} tensors, more than {MAX_TENSORS}")
+        alignment = 32
+        for _ in range(n_kv):
+            key_len = take("Q")
+            skip(key_len, "a key")
+            key = bytes(buf[pos - key_len:pos])
+            kind = take("I")
+            if key == b"general.alignment" and kind == 4:
+                alignment = struct.unpack_from(order + "I", buf, pos)[0] if pos + 4 <= size else 0
+            value(kind)
+        infos = []
+        for _ in range(n_tensors):
+            name_len = take("Q")
+            skip(name_len, "a tensor name")
+            name = bytes(buf[pos - name_len:pos]).decode("utf-8", "replace")
+            n_dims = take("I")
+            if n_dims > 4:
+                raise bad(f"tensor {shown(name)} has {n_dims} dimensions")
+            dims = [take("Q") for _ in range(n_dims)]
+            kind, offset = take("I"), take("Q")
+            infos.append((name, dims, kind, offset))
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise bad("general.alignment is not a power of two")
+        start = pos + (-pos % alignment)
+        for name, dims, kind, offset in infos:
+            try:
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            except (ValueError, KeyError):
+                raise bad(f"tensor {shown(name)} has unknown type {kind}") from None
+            count = 1
+            for d in dims:
+                count *= d
+            if dims and dims[0] % block:
+                raise bad(f"tensor {shown(name)} has rows of {dims[0]}, not whole blocks of {block}")
+            if start + offset + count // block * type_size > size:
+                raise bad(f"tensor {shown(name)} runs past the end of the file")
+    except struct.error:
+        raise bad("truncated") from None
+    finally:
+        buf.close()
 
 
 def our_name(gguf_name: str) -> str | None:
@@ -76,10 +193,11 @@ class GGUFCheckpoint(TableReader):
         except ImportError:
             raise HpcLlamaError("reading GGUF needs the gguf package: pip install gguf") from None
         self.path, self.format = path, "gguf"
+        check_layout(path)
         try:
             self._r = GGUFReader(path)
-        except (ValueError, OSError, IndexError) as e:
-            raise HpcLlamaError(f"{path}: not a readable GGUF file ({e})") from None
+        except (ValueError, OSError, IndexError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise HpcLlamaError(f"{path}: not a readable GGUF file ({shown(str(e), 200)})") from None
         self.meta = {k: _value(f) for k, f in self._r.fields.items() if not k.startswith("tokenizer.ggml.")}
         arch = self.meta.get("general.architecture")
         if arch != "llama":
@@ -98,12 +216,13 @@ class GGUFCheckpoint(TableReader):
                                     f"supported (F32, F16, BF16, {', '.join(QUANTIZED)})")
             dtype = _PLAIN.get(kind, "float32")
             shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
-            nbytes = int(np.prod(shape)) * (2 if dtype in ("float16", "bfloat16") else 4)
+            # Held by the file (check_layout), up to the dequantization of a few bits into 32.
+            nbytes = int(np.prod(shape, dtype=object)) * (2 if dtype in ("float16", "bfloat16") else 4)
             self._tensors[name] = t
             infos[name] = TensorInfo(name, shape, dtype, nbytes, path, int(t.data_offset),
                                            attrs={"gguf_type": kind})
         self._set_table(infos)
-        self.tokenizer = _tokenizer_fields(self._r)
+        self.tokenizer = _tokenizer_fields(self._r, path)
         self.config = self._model_config()
         self.hf_config = hf_config_from_model(self.config)
 
@@ -115,28 +234,31 @@ class GGUFCheckpoint(TableReader):
                 raise HpcLlamaError(f"{self.path}: GGUF metadata lacks llama.{key}")
             return m[f"llama.{key}"]
 
-        n_heads = int(need("attention.head_count"))
-        dim = int(need("embedding_length"))
-        vocab = m.get("llama.vocab_size") or self._infos["tok_embeddings.weight"].shape[0]
         scaling = None
         kind = m.get("llama.rope.scaling.type")
         if kind == "linear":
-            scaling = {"rope_type": "linear", "factor": float(m["llama.rope.scaling.factor"])}
+            scaling = {"rope_type": "linear", "factor": m.get("llama.rope.scaling.factor")}
         elif kind not in (None, "none"):
-            raise HpcLlamaError(f"{self.path}: rope scaling {kind!r} is not supported (none or linear)")
-        head_dim = m.get("llama.attention.key_length") or m.get("llama.rope.dimension_count") or dim // n_heads
+            raise HpcLlamaError(f"{self.path}: rope scaling {shown(kind)} is not supported (none or linear)")
+        vocab = m.get("llama.vocab_size")
+        if vocab is None and "tok_embeddings.weight" in self._infos:
+            vocab = self._infos["tok_embeddings.weight"].shape[0]
+        head_dim = m.get("llama.attention.key_length") or m.get("llama.rope.dimension_count")
         try:
             return ModelConfig(
-                vocab_size=int(vocab), dim=dim, n_layers=int(need("block_count")), n_heads=n_heads,
-                n_kv_heads=int(m.get("llama.attention.head_count_kv", n_heads)), head_dim=int(head_dim),
-                ffn_dim=int(need("feed_forward_length")),
-                norm_eps=float(m.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-                rope_theta=float(m.get("llama.rope.freq_base", 10000.0)), rope_scaling=scaling,
-                max_seq_len=int(m.get("llama.context_length", 2048)),
+                vocab_size=_integer(vocab), dim=_integer(need("embedding_length")),
+                n_layers=_integer(need("block_count")), n_heads=_integer(need("attention.head_count")),
+                n_kv_heads=_integer(m.get("llama.attention.head_count_kv")), head_dim=_integer(head_dim),
+                ffn_dim=_integer(need("feed_forward_length")),
+                norm_eps=_number(m.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                rope_theta=_number(m.get("llama.rope.freq_base", 10000.0)), rope_scaling=scaling,
+                max_seq_len=_integer(m.get("llama.context_length", 2048)),
                 tie_embeddings="output.weight" not in self._infos,
                 attention_bias="layers.0.attention.wq.bias" in self._infos,
                 mlp_bias="layers.0.feed_forward.w1.bias" in self._infos,
                 bos_id=self.tokenizer.get("bos_token_id"), eos_ids=self._eos_ids())
+        except InvalidModelConfig as e:
+            raise config_error(self.path, e, _GGUF_KEYS) from None
         except (TypeError, ValueError) as e:
             raise HpcLlamaError(f"{self.path}: invalid model metadata: {e}") from None
 
@@ -145,7 +267,7 @@ class GGUFCheckpoint(TableReader):
         ids = [tok[k] for k in ("eos_token_id", "eot_token_id") if tok.get(k) is not None]
         tokens, types = tok.get("tokens") or [], tok.get("token_type") or []
         ids += [i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == _CONTROL and t in _END_OF_TURN]
-        return tuple(dict.fromkeys(int(i) for i in ids))
+        return tuple(dict.fromkeys(ids))
 
     def read_into(self, name: str, out: torch.Tensor, verify: bool = True) -> None:
         from gguf.quants import dequantize
@@ -200,17 +322,45 @@ class GGUFCheckpoint(TableReader):
 def _value(field):
     try:
         return field.contents()
-    except (ValueError, IndexError, TypeError):
+    except (ValueError, IndexError, TypeError, UnicodeDecodeError):
         return None
 
 
-def _tokenizer_fields(reader) -> dict:
+def _integer(v):
+    """A metadata integer as a Python int (None stays None); anything else is left for ModelConfig to refuse."""
+    return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v
+
+
+def _number(v):
+    return float(v) if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) else v
+
+
+# tokenizer.ggml.* keys and the Python type each must have.
+_TOKENIZER_TYPES = {"model": str, "pre": str, "tokens": list, "token_type": list, "merges": list,
+                    "bos_token_id": int, "eos_token_id": int, "eot_token_id": int, "unknown_token_id": int,
+                    "padding_token_id": int, "add_bos_token": bool, "chat_template": str}
+
+
+def _tokenizer_fields(reader, path: str = "") -> dict:
     out = {}
     for key, f in reader.fields.items():
         if key.startswith("tokenizer.ggml."):
             out[key[len("tokenizer.ggml."):]] = _value(f)
         elif key == "tokenizer.chat_template":
             out["chat_template"] = _value(f)
+    for key, kind in _TOKENIZER_TYPES.items():
+        v = out.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
+        if ok and key in ("tokens", "merges"):
+            ok = all(isinstance(t, str) for t in v)
+        elif ok and key == "token_type":
+            ok = all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+        if not ok:
+            name = "tokenizer.chat_template" if key == "chat_template" else f"tokenizer.ggml.{key}"
+            raise HpcLlamaError(f"{path}: GGUF metadata {name} is not a {kind.__name__}"
+                                f"{' of the right items' if kind is list else ''}")
     return out
 
 
@@ -227,7 +377,12 @@ def tokenizer_json(tok: dict, path: str = "") -> str:
     tokens = tok["tokens"]
     types = tok.get("token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in tok.get("merges") or []]
-    bpe = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    if any(len(m) != 2 for m in merges):
+        raise HpcLlamaError(f"{path}: GGUF tokenizer.ggml.merges has an entry that is not two tokens")
+    try:
+        bpe = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise HpcLlamaError(f"{path}: GGUF tokenizer cannot be built: {shown(str(e), 200)}") from None
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre != "llama-bpe")
     if pre == "smollm":
         bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import HpcLlamaError
 from ..parallel.layout import plan_shards
-from .base import CheckpointReader, group_by_unit, unit_order
+from .base import CheckpointReader, file_inside, group_by_unit, shown, unit_of, unit_order
 from .hf import model_config_from_hf
 from .tensors import DTYPES, TORCH_NAMES, TensorInfo, checksum, empty_for, new_hasher, numpy_view, read_exact
 
@@ -30,12 +30,33 @@ INDEX = "index.json"
 SCHEMES = ("none", "sparse", "int8-channel", "int4-group")
 
 
+def _unit(name: str):
+    try:
+        return unit_of(name)
+    except HpcLlamaError:
+        return None
+
+
 def _attr_str(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+# Filters a dataset of ours may use: the sparse scheme's shuffle + deflate (and HDF5's checksum). Any
+# other is refused rather than run: a filter decides how many bytes a few stored bytes become.
+_FILTERS = (h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_FLETCHER32)
+MAX_INFLATE = 1032
+"""Most bytes deflate can make of one stored byte (its longest match, 258 bytes, costs 2 bits)."""
+# Exceptions h5py raises on a malformed file; each becomes a one-line error naming the file.
+_H5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError)
 
 
 class H5File:
-    """One HDF5 file of the format (a whole checkpoint or one shard)."""
+    """One HDF5 file of the format (a whole checkpoint or one shard).
+
+    The file is a stranger's: every object it is read through must be a hard link inside it (no
+    external or soft link, no external or virtual storage), and every dataset's claimed size must be
+    held by the file (`_check_storage`) before a buffer is allocated for it.
+    """
 
     def __init__(self, path: str):
         self.path = path
@@ -46,42 +67,128 @@ class H5File:
         except OSError as e:
             reason = "truncated" if "truncated" in str(e) else "not a readable HDF5 file"
             raise HpcLlamaError(f"{path}: {reason} ({str(e).split('(')[0].strip()})") from None
-        fmt = _attr_str(self.f.attrs.get("format", ""))
-        if fmt != FORMAT:
-            raise HpcLlamaError(f"{path}: not an hpc_llama checkpoint (format attribute {fmt!r})")
-        version = int(self.f.attrs.get("format_version", 0))
+        self.size = os.stat(path).st_size
+        try:
+            fmt = _attr_str(self.attr(self.f, "format", ""))
+            if fmt != FORMAT:
+                raise HpcLlamaError(f"{path}: not an hpc_llama checkpoint (format attribute {shown(fmt)})")
+            version = self.attr(self.f, "format_version", 0)
+            if not isinstance(version, (int, np.integer)):
+                raise HpcLlamaError(f"{path}: corrupt format_version attribute {shown(version)}")
+        except HpcLlamaError:
+            self.f.close()
+            raise
         if version > FORMAT_VERSION:
+            self.f.close()
             raise HpcLlamaError(f"{path}: checkpoint format {version} is newer than this hpc_llama reads ({FORMAT_VERSION})")
         self._fd = None
         self._index = None
         self._infos: dict[str, TensorInfo] = {}
         self._group = None
 
+    def attr(self, obj, name: str, default=None):
+        """A scalar attribute (a format tag, a JSON string, a checksum): refused unless it is one value."""
+        try:
+            if name not in obj.attrs:
+                return default
+            if h5py.h5a.open(obj.id, name.encode()).shape != ():
+                raise HpcLlamaError(f"{self.path}: corrupt attribute {shown(name)} (not a single value)")
+            return obj.attrs[name]
+        except _H5_ERRORS as e:
+            raise HpcLlamaError(f"{self.path}: cannot read attribute {shown(name)}: {e}") from None
+
+    def member(self, group, name: str, kind):
+        """`group[name]`, which must be a hard link to an object of `kind` (h5py.Group or h5py.Dataset)."""
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            raise HpcLlamaError(f"{self.path}: {shown(name)} is not a plain object name: the file is corrupt")
+        try:
+            if not group.id.links.exists(name.encode()):
+                return None
+            if group.id.links.get_info(name.encode()).type != h5py.h5l.TYPE_HARD:
+                raise HpcLlamaError(f"{self.path}: {shown(name)} is a link to another object or file, "
+                                    f"which a checkpoint may not hold")
+            obj = group[name]
+        except _H5_ERRORS as e:
+            raise HpcLlamaError(f"{self.path}: cannot open {shown(name)}: {e}") from None
+        if not isinstance(obj, kind):
+            raise HpcLlamaError(f"{self.path}: {shown(name)} is not a{' group' if kind is h5py.Group else ' dataset'}: "
+                                f"the file is corrupt")
+        return obj
+
+    def _check_storage(self, d, name: str, nbytes: int) -> tuple[int | None, int | None]:
+        """(byte offset of contiguous data or None, bytes on disk where a filter makes them differ), once
+        the dataset is known to keep its `nbytes` inside this file."""
+        try:
+            plist = d.get_create_plist()
+            layout = plist.get_layout()
+            external = plist.get_external_count()
+            filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+            offset = d.get_offset() if layout == h5py.h5d.CONTIGUOUS else None
+            stored = d.get_storage_size()
+        except _H5_ERRORS as e:
+            raise HpcLlamaError(f"{self.path}: cannot read the layout of {shown(name)}: {e}") from None
+        if external or layout not in (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED, h5py.h5d.COMPACT):
+            raise HpcLlamaError(f"{self.path}: {shown(name)} keeps its data in other files (external or virtual "
+                                f"storage), which a checkpoint may not")
+        unknown = [f for f in filters if f not in _FILTERS]
+        if unknown:
+            raise HpcLlamaError(f"{self.path}: {shown(name)} uses HDF5 filter {unknown[0]}, which hpc_llama "
+                                f"does not read")
+        holds = stored * (MAX_INFLATE if filters else 1)
+        if offset is not None:
+            holds = self.size - offset
+        if stored > self.size or nbytes > holds:
+            raise HpcLlamaError(f"{self.path}: {shown(name)} claims {nbytes} bytes, more than the file holds "
+                                f"for it ({max(holds, 0)}): the file is truncated or corrupt")
+        return offset, (stored if offset is None else None)
+
+    def read_dataset(self, group, name: str) -> bytes:
+        """The bytes of a small uint8 dataset of ours (the index, an asset), checked before it is read."""
+        d = self.member(group, name, h5py.Dataset)
+        if d.dtype != np.uint8 or d.ndim != 1:
+            raise HpcLlamaError(f"{self.path}: {shown(name)} is not a byte string: the file is corrupt")
+        self._check_storage(d.id, name, int(d.shape[0]))
+        try:
+            return d[()].tobytes()
+        except _H5_ERRORS as e:
+            raise HpcLlamaError(f"{self.path}: cannot read {shown(name)}: {e}") from None
+
+    def _tensors(self):
+        return self.member(self.f, "tensors", h5py.Group)
+
     def _entries(self) -> dict[str, dict]:
         """name -> {dtype, shape, xxh3, attrs}: from the /index dataset in one read, else from each dataset."""
         if self._index is None:
-            stored = list(self.f["tensors"].keys()) if "tensors" in self.f else []
-            if "index" in self.f:
-                raw = self.f["index"][()].tobytes()
-                if checksum(np.frombuffer(raw, np.uint8)) != _attr_str(self.f["index"].attrs.get("xxh3", "")):
+            group = self._tensors()
+            stored = list(group.keys()) if group is not None else []
+            if self.member(self.f, "index", h5py.Dataset) is not None:
+                raw = self.read_dataset(self.f, "index")
+                if checksum(np.frombuffer(raw, np.uint8)) != _attr_str(self.attr(self.f["index"], "xxh3", "")):
                     raise HpcLlamaError(f"{self.path}: checksum mismatch in the tensor index: the file is corrupt")
-                self._index = json.loads(raw)
+                try:
+                    index = json.loads(raw)
+                except (ValueError, RecursionError):
+                    raise HpcLlamaError(f"{self.path}: corrupt tensor index (not JSON)") from None
+                self._index = _check_index(self.path, index)
                 listed = set(self._index) | {p["dataset"] for e in self._index.values()
                                              for p in e.get("parts", {}).values()}
                 present = set(stored)
                 for name in stored:
                     if name not in listed:
-                        raise HpcLlamaError(f"{self.path}: tensor {name} is stored but not in the index: the file is corrupt")
+                        raise HpcLlamaError(f"{self.path}: tensor {shown(name)} is stored but not in the index: "
+                                            f"the file is corrupt")
                 for name in listed:
                     if name not in present:
                         raise HpcLlamaError(f"{self.path}: tensor {name} is missing")
             else:
-                self._index = {}
+                index = {}
                 for name in stored:
-                    d = self.f["tensors"][name]
-                    attrs = {k: (_attr_str(v) if isinstance(v, (bytes, str)) else v) for k, v in d.attrs.items()}
-                    self._index[name] = {"dtype": attrs.pop("dtype", str(d.dtype)), "shape": list(d.shape),
-                                         "xxh3": attrs.pop("xxh3", None), "attrs": attrs}
+                    d = self.member(group, name, h5py.Dataset)
+                    attrs = {k: self.attr(d, k) for k in d.attrs.keys()}
+                    attrs = {k: (_attr_str(v) if isinstance(v, (bytes, str)) else v) for k, v in attrs.items()}
+                    index[name] = {"dtype": attrs.pop("dtype", str(d.dtype)), "shape": list(d.shape),
+                                   "xxh3": attrs.pop("xxh3", None), "attrs": attrs}
+                self._index = _check_index(self.path, index)
         return self._index
 
     def names(self) -> list[str]:
@@ -96,7 +203,7 @@ class H5File:
         # The offset is asked of HDF5 itself, not stored, so a repacked file
         # stays readable; the low-level open skips h5py's per-object wrappers.
         if self._group is None:
-            self._group = self.f["tensors"].id
+            self._group = self._tensors()
         parts = {role: self._dataset_info(p["dataset"], p)[0] for role, p in entry.get("parts", {}).items()}
         info, stored = self._dataset_info(name, entry)
         if stored is not None or any(p.disk_bytes is not None for p in parts.values()):
@@ -108,20 +215,21 @@ class H5File:
 
     def _dataset_info(self, name: str, entry: dict) -> tuple[TensorInfo, int | None]:
         """One dataset's place, and its bytes on disk when a filter makes them differ from its size."""
-        d = h5py.h5d.open(self._group, name.encode())
-        offset = d.get_offset()  # None unless contiguous (filters need chunks)
-        shape = tuple(entry["shape"])
-        if d.shape != shape:
+        d = self.member(self._group, name, h5py.Dataset).id
+        shape, dtype = tuple(entry["shape"]), entry["dtype"]
+        if dtype not in DTYPES:
+            raise HpcLlamaError(f"{self.path}: tensor {name} has unsupported dtype {shown(dtype)}")
+        np_dtype = np.dtype(DTYPES[dtype][0])
+        if d.shape != shape or d.dtype != np_dtype:
             raise HpcLlamaError(f"{self.path}: tensor {name} disagrees with the index: the file is corrupt")
-        itemsize = np.dtype(DTYPES[entry["dtype"]][0]).itemsize if entry["dtype"] in DTYPES else d.dtype.itemsize
-        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
-        disk = d.get_storage_size() if offset is None else None
-        return TensorInfo(name, shape, entry["dtype"], nbytes, self.path, offset, entry.get("xxh3")), disk
+        nbytes = int(np.prod(shape, dtype=object)) * np_dtype.itemsize
+        offset, disk = self._check_storage(d, name, nbytes)
+        return TensorInfo(name, shape, dtype, nbytes, self.path, offset, entry.get("xxh3")), disk
 
     def read_into(self, info: TensorInfo, out: np.ndarray, verify: bool) -> None:
         scheme = info.scheme
         if scheme not in SCHEMES:
-            raise HpcLlamaError(f"{self.path}: tensor {info.name} is stored as {scheme!r}, "
+            raise HpcLlamaError(f"{self.path}: tensor {info.name} is stored as {shown(scheme)}, "
                                 f"which this version of hpc_llama does not read")
         hasher = new_hasher() if verify and info.checksum else None
         if info.offset is not None:
@@ -133,8 +241,8 @@ class H5File:
                 raise HpcLlamaError(f"{self.path}: truncated (tensor {info.name})") from None
         else:
             try:
-                self.f["tensors"][info.name].read_direct(out)
-            except OSError as e:
+                self._tensors()[info.name].read_direct(out)
+            except _H5_ERRORS as e:
                 raise HpcLlamaError(f"{self.path}: cannot read tensor {info.name}: {e}") from None
             if hasher is not None:
                 hasher.update(out.reshape(-1).view(np.uint8))
@@ -144,9 +252,11 @@ class H5File:
 
     def assets(self) -> dict[str, bytes]:
         out = {}
-        for name, d in (self.f["assets"].items() if "assets" in self.f else []):
-            data = d[()].tobytes()
-            if checksum(np.frombuffer(data, np.uint8)) != _attr_str(d.attrs.get("xxh3", "")):
+        group = self.member(self.f, "assets", h5py.Group)
+        for name in (group.keys() if group is not None else []):
+            # Asset names become file names beside an export (convert --format hf): `member` takes plain names only.
+            data = self.read_dataset(group, name)
+            if checksum(np.frombuffer(data, np.uint8)) != _attr_str(self.attr(group[name], "xxh3", "")):
                 raise HpcLlamaError(f"{self.path}: checksum mismatch in asset {name}: the file is corrupt")
             out[name] = data
         return out
@@ -158,36 +268,103 @@ class H5File:
         self.f.close()
 
 
+def _check_index(path: str, index) -> dict[str, dict]:
+    """A tensor index as the format defines it (docs/checkpoint.md), or a one-line error naming what is not."""
+    def bad(what):
+        return HpcLlamaError(f"{path}: corrupt tensor index ({what})")
+
+    def check_entry(name, e):
+        if not isinstance(e, dict):
+            raise bad(f"entry {shown(name)} is not an object")
+        for key, kind in (("dtype", str), ("shape", list)):
+            if not isinstance(e.get(key), kind):
+                raise bad(f"entry {shown(name)} has no {key}")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in e["shape"]):
+            raise bad(f"entry {shown(name)} has shape {shown(e['shape'])}")
+        if not isinstance(e.get("xxh3"), (str, type(None))):
+            raise bad(f"entry {shown(name)} has xxh3 {shown(e.get('xxh3'))}")
+
+    if not isinstance(index, dict):
+        raise bad("not an object")
+    for name, e in index.items():
+        check_entry(name, e)
+        if not isinstance(e.get("attrs", {}), dict) or not isinstance(e.get("parts", {}), dict):
+            raise bad(f"entry {shown(name)} has attrs or parts that are not objects")
+        for role, part in e.get("parts", {}).items():
+            check_entry(f"{name}.{role}", part)
+            if not isinstance(part.get("dataset"), str):
+                raise bad(f"part {shown(role)} of {shown(name)} names no dataset")
+        try:
+            unit_of(name)
+        except HpcLlamaError:
+            raise HpcLlamaError(f"{path}: tensor {shown(name)} belongs to no part of a Llama model") from None
+    return index
+
+
 class H5Checkpoint(CheckpointReader):
-    """A single .h5 checkpoint or a sharded directory; shards are opened only when needed."""
+    """A single .h5 checkpoint or a sharded directory; shards are opened only when needed.
+
+    A sharded directory's index.json names the shard of every tensor; each name must be a plain file
+    name that stays inside the directory (`base.file_inside`), checked before any shard is opened.
+    """
 
     def __init__(self, path: str):
         self.path = path
         self._files: dict[str, H5File] = {}
         if os.path.isdir(path):
             self.format = "h5-sharded"
-            index_path = os.path.join(path, INDEX)
+            if not os.path.lexists(os.path.join(path, INDEX)):
+                raise HpcLlamaError(f"{path}: directory has no {INDEX}")
+            index_path = file_inside(path, INDEX, path, "the checkpoint")
             try:
-                with open(index_path) as f:
-                    index = json.load(f)
-            except FileNotFoundError:
-                raise HpcLlamaError(f"{path}: directory has no {INDEX}") from None
-            except ValueError:
+                with open(index_path, "rb") as f:
+                    index = json.loads(f.read())
+            except (ValueError, RecursionError):
                 raise HpcLlamaError(f"{index_path}: corrupt index (not JSON)") from None
-            if index.get("format") != FORMAT:
+            if not isinstance(index, dict) or index.get("format") != FORMAT:
                 raise HpcLlamaError(f"{index_path}: not an hpc_llama checkpoint index")
-            if int(index.get("format_version", 0)) > FORMAT_VERSION:
+            version = index.get("format_version", 0)
+            if not isinstance(version, int):
+                raise HpcLlamaError(f"{index_path}: corrupt index (format_version {shown(version)})")
+            if version > FORMAT_VERSION:
                 raise HpcLlamaError(f"{index_path}: checkpoint format is newer than this hpc_llama reads")
-            self.hf_config = index["config"]
-            self._where = index["tensors"]
+            self.hf_config = index.get("config")
+            self._where = index.get("tensors")
             self._asset_shard = index.get("assets")
+            if not isinstance(self._where, dict):
+                raise HpcLlamaError(f"{index_path}: corrupt index (no tensors object)")
+            # Every file the index names is checked before any is opened: the shards of the tensors,
+            # the one holding the assets, and the shard list itself.
+            shards = index.get("shards") or []
+            if not isinstance(shards, list):
+                raise HpcLlamaError(f"{index_path}: corrupt index (shards is not a list)")
+            for i, fname in enumerate(shards):
+                file_inside(path, fname, index_path, f"shards[{i}]")
+            checked = set()
+            for name, fname in self._where.items():
+                if fname not in checked:
+                    file_inside(path, fname, index_path, f"the entry of tensor {shown(name)}")
+                    checked.add(fname)
+            if self._asset_shard is not None:
+                file_inside(path, self._asset_shard, index_path, "assets")
+            source = f"{index_path} (config)"
         else:
             self.format = "h5"
             single = self._file(path)
-            self.hf_config = json.loads(_attr_str(single.f.attrs["config"]))
+            raw = single.attr(single.f, "config")
+            if raw is None:
+                raise HpcLlamaError(f"{path}: the checkpoint has no config attribute")
+            try:
+                self.hf_config = json.loads(_attr_str(raw))
+            except (ValueError, RecursionError):
+                raise HpcLlamaError(f"{path}: corrupt config attribute (not JSON)") from None
             self._where = {n: os.path.basename(path) for n in single.names()}
             self._asset_shard = os.path.basename(path)
-        self.config = model_config_from_hf(self.hf_config)
+            source = f"{path} (config attribute)"
+        for name in self._where:
+            if not isinstance(name, str) or _unit(name) is None:
+                raise HpcLlamaError(f"{self.path}: tensor {shown(name)} belongs to no part of a Llama model")
+        self.config = model_config_from_hf(self.hf_config, source)
         self._names = sorted(self._where, key=unit_order)
 
     def _file(self, path: str) -> H5File:

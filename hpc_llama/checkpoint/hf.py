@@ -15,10 +15,10 @@ import struct
 import torch
 
 from ..errors import HpcLlamaError
-from ..model.llama import ModelConfig
+from ..model.llama import InvalidModelConfig, ModelConfig
 from ..parallel.layout import plan_shards
-from .base import CheckpointReader, TableReader, group_by_unit
-from .tensors import TensorInfo, numpy_view, read_exact
+from .base import CheckpointReader, TableReader, file_inside, group_by_unit, shown
+from .tensors import DTYPES, TensorInfo, numpy_view, read_exact
 
 # Our names <-> HF names. Layer-local parts are templated on the layer number.
 _LAYER_PARTS = {
@@ -64,42 +64,68 @@ def from_hf_name(name: str) -> str | None:
     base, _, kind = name.rpartition(".")
     if base in _HF_TOP:
         return f"{_HF_TOP[base]}.{kind}"
-    raise HpcLlamaError(f"unexpected tensor {name!r} in a Llama checkpoint")
+    raise HpcLlamaError(f"unexpected tensor {shown(name)} in a Llama checkpoint")
 
 
-def model_config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig from an HF config.json dict, in both the 4.x and the 5.x rope spellings."""
+# Our ModelConfig fields -> the config.json keys they come from, so an error names the key in the file.
+_HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+            "max_seq_len": "max_position_embeddings", "bos_id": "bos_token_id", "eos_ids": "eos_token_id",
+            "layer_shapes": "hpc_llama.layer_shapes", "lowrank": "hpc_llama.lowrank"}
+
+
+def config_error(source: str, e: InvalidModelConfig, keys: dict) -> HpcLlamaError:
+    """A one-line error for a config field out of range, naming the file and its own key for the field."""
+    head, _, rest = e.field.partition(".")
+    key = keys.get(head, head) + (f".{rest}" if rest else "")
+    return HpcLlamaError(f"{source}: {key} {e.problem}")
+
+
+def model_config_from_hf(hf: dict, source: str = "model config") -> ModelConfig:
+    """ModelConfig from an HF config.json dict, in both the 4.x and the 5.x rope spellings.
+
+    `source` names where the dict came from (a config.json, an index) in every error.
+    """
+    if not isinstance(hf, dict):
+        raise HpcLlamaError(f"{source}: the model config is not a JSON object")
     kind = hf.get("model_type")
     if kind != "llama":
-        raise HpcLlamaError(f"model_type {kind!r} is not supported (only 'llama')")
+        raise HpcLlamaError(f"{source}: model_type {shown(kind)} is not supported (only 'llama')")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
-        raise HpcLlamaError(f"hidden_act {act!r} is not supported (only 'silu')")
+        raise HpcLlamaError(f"{source}: hidden_act {shown(act)} is not supported (only 'silu')")
     rope = hf.get("rope_parameters") or {}
-    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    ours = hf.get("hpc_llama") or {}
     scaling = hf.get("rope_scaling")
+    for key, value in (("rope_parameters", rope), ("hpc_llama", ours), ("rope_scaling", scaling or {})):
+        if not isinstance(value, dict):
+            raise HpcLlamaError(f"{source}: {key} must be a mapping, got {shown(value)}")
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    keys = dict(_HF_KEYS, rope_theta="rope_theta" if "rope_theta" in hf else "rope_parameters.rope_theta",
+                rope_scaling="rope_scaling" if scaling is not None else "rope_parameters")
     if scaling is None and rope.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = None
     eos = hf.get("eos_token_id", 2)
     # Shapes that structured pruning and factorisation change (docs/checkpoint.md, format 2).
-    ours = hf.get("hpc_llama") or {}
     try:
         return ModelConfig(
             vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
             n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
             head_dim=hf.get("head_dim"), ffn_dim=hf["intermediate_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
             max_seq_len=hf.get("max_position_embeddings", 2048),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
             bos_id=hf.get("bos_token_id"), eos_ids=() if eos is None else eos,
             layer_shapes=ours.get("layer_shapes") or None, lowrank=ours.get("lowrank") or None)
     except KeyError as e:
-        raise HpcLlamaError(f"model config lacks the field {e.args[0]!r}") from None
+        raise HpcLlamaError(f"{source}: the model config lacks the field {e.args[0]!r}") from None
+    except InvalidModelConfig as e:
+        raise config_error(source, e, keys) from None
     except (TypeError, ValueError) as e:
-        raise HpcLlamaError(f"invalid model config: {e}") from None
+        raise HpcLlamaError(f"{source}: invalid model config: {e}") from None
 
 
 def hf_config_from_model(cfg: ModelConfig, dtype: str = "float32") -> dict:
@@ -131,71 +157,140 @@ _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "fl
 _ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
 
 
+MAX_HEADER = 100_000_000
+"""Largest safetensors header read (the safetensors library's own limit): it is JSON, parsed whole."""
+
+
 def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
-    """Tensor table (our TensorInfo with absolute offsets) and metadata of one .safetensors file."""
+    """Tensor table (our TensorInfo with absolute offsets) and metadata of one .safetensors file.
+
+    Every entry is checked against the file before anything is read at its offsets: a known dtype, a
+    shape whose size is exactly its byte range, and a range inside the file's data that overlaps no
+    other entry's. So `nbytes` of each TensorInfo is backed by bytes the file really has.
+    """
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) != 8:
-                raise HpcLlamaError(f"{path}: truncated safetensors file")
+                raise HpcLlamaError(f"{path}: truncated safetensors file (no header length)")
             (n,) = struct.unpack("<Q", head)
-            if n > 100 << 20:
-                raise HpcLlamaError(f"{path}: not a safetensors file (header of {n} bytes)")
+            # The length is the file's first 8 bytes: it is never printed (the file may not be a safetensors one).
+            if n > MAX_HEADER:
+                raise HpcLlamaError(f"{path}: not a safetensors file (its header length is over {MAX_HEADER} bytes)")
+            if n > size - 8:
+                raise HpcLlamaError(f"{path}: truncated safetensors file (the header runs past the end of the file)")
             raw = f.read(n)
-            size = os.fstat(f.fileno()).st_size
     except OSError as e:
         raise HpcLlamaError(f"{path}: {e.strerror}") from None
     try:
         header = json.loads(raw)
-    except ValueError:
-        raise HpcLlamaError(f"{path}: corrupt safetensors header") from None
-    meta = header.pop("__metadata__", {}) or {}
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise HpcLlamaError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise HpcLlamaError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise HpcLlamaError(f"{path}: corrupt safetensors header (__metadata__ is not a JSON object)")
+    data_size = size - 8 - n
     table = {}
     for name, t in header.items():
-        dtype = _ST_DTYPES.get(t["dtype"])
-        if dtype is None:
-            raise HpcLlamaError(f"{path}: tensor {name} has unsupported dtype {t['dtype']}")
-        start, end = t["data_offsets"]
-        offset = 8 + n + start
-        if offset + (end - start) > size:
-            raise HpcLlamaError(f"{path}: truncated (tensor {name} runs past the end of the file)")
-        table[name] = TensorInfo(name, tuple(t["shape"]), dtype, end - start, path=path, offset=offset)
+        table[name] = _safetensors_entry(path, name, t, 8 + n, data_size)
+    ranges = sorted((i.offset, i.offset + i.nbytes, name) for name, i in table.items() if i.nbytes)
+    for (_, end, a), (start, _, b) in zip(ranges, ranges[1:]):
+        if start < end:
+            raise HpcLlamaError(f"{path}: corrupt safetensors header (tensors {shown(a)} and {shown(b)} overlap)")
     return table, meta
 
 
+def _safetensors_entry(path: str, name: str, t, data_start: int, data_size: int) -> TensorInfo:
+    where = f"{path}: tensor {shown(name)}"
+    if not isinstance(t, dict):
+        raise HpcLlamaError(f"{where}: corrupt entry (not a JSON object)")
+    dtype = _ST_DTYPES.get(t.get("dtype")) if isinstance(t.get("dtype"), str) else None
+    if dtype is None:
+        raise HpcLlamaError(f"{where} has unsupported dtype {shown(t.get('dtype'))}")
+    shape, offsets = t.get("shape"), t.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise HpcLlamaError(f"{where}: corrupt entry (shape {shown(shape)} is not a list of sizes)")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise HpcLlamaError(f"{where}: corrupt entry (data_offsets {shown(offsets)} is not [begin, end])")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise HpcLlamaError(f"{where}: corrupt entry (data_offsets [{begin}, {end}] are reversed or negative)")
+    if end > data_size:
+        raise HpcLlamaError(f"{where}: truncated (data_offsets end at byte {end} of a data section of "
+                            f"{data_size} bytes)")
+    count = 1
+    for d in shape:
+        count *= d
+    nbytes = count * DTYPES[dtype][1].itemsize
+    if nbytes != end - begin:
+        raise HpcLlamaError(f"{where}: corrupt entry (shape {shape} of {dtype} takes {nbytes} bytes, but its "
+                            f"data_offsets hold {end - begin})")
+    return TensorInfo(name, tuple(shape), dtype, nbytes, path=path, offset=data_start + begin)
+
+
+def _read_json(path: str, what: str):
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except OSError as e:
+        raise HpcLlamaError(f"{path}: {e.strerror}") from None
+    except (ValueError, RecursionError):
+        raise HpcLlamaError(f"{path}: corrupt {what} (not JSON)") from None
+
+
 class HFCheckpoint(TableReader):
-    """An HF model directory read in place: config.json plus one or several .safetensors files."""
+    """An HF model directory read in place: config.json plus one or several .safetensors files.
+
+    Every file it reads is named by us or by the directory's index, and each must be a plain file
+    name that stays inside the directory (`base.file_inside`); nothing outside it is opened.
+    """
 
     def __init__(self, path: str):
         self.path, self.format = path, "hf"
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
             raise HpcLlamaError(f"{path}: not an HF model directory (no config.json)")
-        try:
-            with open(cfg_path) as f:
-                self.hf_config = json.load(f)
-        except ValueError:
-            raise HpcLlamaError(f"{cfg_path}: not valid JSON") from None
-        self.config = model_config_from_hf(self.hf_config)
+        cfg_path = file_inside(path, "config.json", path, "the model")
+        self.hf_config = _read_json(cfg_path, "config")
+        self.config = model_config_from_hf(self.hf_config, cfg_path)
         index_path = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index_path):
-            try:
-                with open(index_path) as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-            except (ValueError, KeyError):
-                raise HpcLlamaError(f"{index_path}: corrupt index") from None
-        elif os.path.isfile(os.path.join(path, "model.safetensors")):
-            files = ["model.safetensors"]
+        if os.path.lexists(index_path):
+            index_path = file_inside(path, "model.safetensors.index.json", path, "the model")
+            index = _read_json(index_path, "index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict):
+                raise HpcLlamaError(f"{index_path}: corrupt index (no weight_map object)")
+            files = {}
+            for hf_name, fname in weight_map.items():
+                if fname not in files:
+                    files[fname] = file_inside(path, fname, index_path, f"weight_map entry {shown(hf_name)}")
+        elif os.path.lexists(os.path.join(path, "model.safetensors")):
+            weight_map = None
+            files = {"model.safetensors": file_inside(path, "model.safetensors", path, "the model")}
         else:
             raise HpcLlamaError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                 f"(only safetensors weights are read, never pickles)")
         infos: dict[str, TensorInfo] = {}
-        for fname in files:
-            table, _ = read_safetensors_header(os.path.join(path, fname))
+        held: dict[str, str] = {}
+        for fname, fpath in sorted(files.items()):
+            table, _ = read_safetensors_header(fpath)
             for hf_name, info in table.items():
-                ours = from_hf_name(hf_name)
+                if hf_name in held:
+                    raise HpcLlamaError(f"{fpath}: tensor {shown(hf_name)} is also in {held[hf_name]}")
+                held[hf_name] = fname
+                try:
+                    ours = from_hf_name(hf_name)
+                except HpcLlamaError as e:
+                    raise HpcLlamaError(f"{fpath}: {e}") from None
                 if ours is not None:
                     infos[ours] = TensorInfo(ours, info.shape, info.dtype, info.nbytes, info.path, info.offset)
+        for hf_name, fname in (weight_map or {}).items():
+            if held.get(hf_name) != fname:
+                raise HpcLlamaError(f"{index_path}: weight_map puts {shown(hf_name)} in {shown(fname)}, "
+                                    f"which does not hold it")
         self._set_table(infos)
         self._fds: dict[str, int] = {}
 
@@ -214,8 +309,8 @@ class HFCheckpoint(TableReader):
         out = {}
         for fname in ASSET_FILES:
             p = os.path.join(self.path, fname)
-            if os.path.isfile(p):
-                with open(p, "rb") as f:
+            if os.path.lexists(p):
+                with open(file_inside(self.path, fname, self.path, "the model"), "rb") as f:
                     out[fname] = f.read()
         return out
 

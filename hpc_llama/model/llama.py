@@ -17,10 +17,50 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+MAX_DIM = (1 << 31) - 1
+"""Largest size any dimension may claim: token ids and sizes travel as int32 in places."""
+
+
+class InvalidModelConfig(ValueError):
+    """A model config field out of range; `field` is our name for it, so a reader can name its own key."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def _check_dim(name: str, value) -> None:
+    if not isinstance(value, Integral) or isinstance(value, bool):
+        raise InvalidModelConfig(name, f"must be an integer, got {_shown(value)}")
+    if not 0 < value <= MAX_DIM:
+        raise InvalidModelConfig(name, f"must be positive and at most {MAX_DIM}, got {value}")
+
+
+def _check_positive(name: str, value) -> float:
+    """A positive, finite real number (NaN and infinities fail every comparison but !=)."""
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise InvalidModelConfig(name, f"must be a number, got {_shown(value)}")
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidModelConfig(name, f"must be positive and finite, got {value}")
+    return float(value)
+
+
+def _check_token(name: str, value, vocab_size: int) -> int:
+    if not isinstance(value, Integral) or isinstance(value, bool) or not 0 <= value < vocab_size:
+        raise InvalidModelConfig(name, f"must be token ids in 0..{vocab_size - 1}, got {_shown(value)}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -65,45 +105,82 @@ class ModelConfig:
     """{"layers.3.attention.wq": rank}: projections stored as two factors (low-rank factorisation)."""
 
     def __post_init__(self):
+        # Every field is checked here, so a config from a file (config.json, GGUF metadata, YAML) that
+        # would compute NaN or build absurd shapes is refused before anything is built from it.
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            _check_dim(name, getattr(self, name))
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        _check_dim("n_kv_heads", self.n_kv_heads)
         if self.head_dim is None:
             if self.dim % self.n_heads:
-                raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+                raise InvalidModelConfig("dim", f"{self.dim} is not divisible by n_heads {self.n_heads}")
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
-        if isinstance(self.eos_ids, (int, list)):
-            ids = [self.eos_ids] if isinstance(self.eos_ids, int) else self.eos_ids
-            object.__setattr__(self, "eos_ids", tuple(ids))
+        _check_dim("head_dim", self.head_dim)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            object.__setattr__(self, name, int(getattr(self, name)))  # numpy integers become ints
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise InvalidModelConfig("n_kv_heads", f"{self.n_kv_heads}: n_heads {self.n_heads} is not a multiple of it")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+            raise InvalidModelConfig("head_dim", f"{self.head_dim} must be even for rotary embeddings")
+        object.__setattr__(self, "norm_eps", _check_positive("norm_eps", self.norm_eps))
+        object.__setattr__(self, "rope_theta", _check_positive("rope_theta", self.rope_theta))
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            need = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-                    "linear": ("factor",)}
-            if kind not in need:
-                raise ValueError(f"rope scaling type {kind!r} is not supported (llama3, linear)")
-            missing = [k for k in need[kind] if k not in self.rope_scaling]
-            if missing:
-                raise ValueError(f"rope_scaling of type {kind} lacks {', '.join(missing)}")
+            self._check_rope_scaling()
+        if self.bos_id is not None:
+            _check_token("bos_id", self.bos_id, self.vocab_size)
+        if isinstance(self.eos_ids, Integral) and not isinstance(self.eos_ids, bool):
+            object.__setattr__(self, "eos_ids", (self.eos_ids,))
+        if not isinstance(self.eos_ids, (list, tuple)):
+            raise InvalidModelConfig("eos_ids", f"must be a token id or a list of them, got {_shown(self.eos_ids)}")
+        object.__setattr__(self, "eos_ids", tuple(_check_token("eos_ids", i, self.vocab_size) for i in self.eos_ids))
         if self.layer_shapes:
-            # JSON keys are strings; layers are numbers everywhere else.
-            shapes = {int(k): dict(v) for k, v in self.layer_shapes.items()}
-            object.__setattr__(self, "layer_shapes", shapes)
-            for i, shape in shapes.items():
-                if not 0 <= i < self.n_layers or set(shape) - {"n_heads", "ffn_dim"}:
-                    raise ValueError(f"layer_shapes entry {i}: {shape} (allowed: n_heads, ffn_dim of an existing layer)")
-                h, f = self.layer_shape(i)
-                if h <= 0 or f <= 0 or h % self.n_kv_heads:
-                    raise ValueError(f"layer {i}: {h} heads and ffn {f} (heads must be a positive multiple of "
-                                     f"{self.n_kv_heads} kv heads, ffn positive)")
+            self._check_layer_shapes()
+        if self.lowrank is not None and not isinstance(self.lowrank, dict):
+            raise InvalidModelConfig("lowrank", f"must be a mapping, got {_shown(self.lowrank)}")
         for path, rank in (self.lowrank or {}).items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ValueError(f"lowrank rank of {path} must be a positive integer, got {rank!r}")
+            if not isinstance(rank, Integral) or isinstance(rank, bool) or not 0 < rank <= MAX_DIM:
+                raise InvalidModelConfig("lowrank", f"rank of {_shown(path)} must be a positive integer, "
+                                         f"got {_shown(rank)}")
+
+    def _check_rope_scaling(self):
+        scaling = self.rope_scaling
+        if not isinstance(scaling, dict):
+            raise InvalidModelConfig("rope_scaling", f"must be a mapping, got {_shown(scaling)}")
+        kind = scaling.get("rope_type", scaling.get("type"))
+        need = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                "linear": ("factor",)}
+        if not isinstance(kind, str) or kind not in need:
+            raise InvalidModelConfig("rope_scaling", f"type {_shown(kind)} is not supported (llama3, linear)")
+        missing = [k for k in need[kind] if k not in scaling]
+        if missing:
+            raise InvalidModelConfig("rope_scaling", f"of type {kind} lacks {', '.join(missing)}")
+        for key in need[kind]:
+            _check_positive(f"rope_scaling.{key}", scaling[key])
+        if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+            # the frequencies between the two bands are interpolated over high - low
+            raise InvalidModelConfig("rope_scaling.high_freq_factor", f"{scaling['high_freq_factor']} must be "
+                                     f"larger than low_freq_factor {scaling['low_freq_factor']}")
+
+    def _check_layer_shapes(self):
+        if not isinstance(self.layer_shapes, dict):
+            raise InvalidModelConfig("layer_shapes", f"must be a mapping, got {_shown(self.layer_shapes)}")
+        shapes = {}
+        for k, v in self.layer_shapes.items():
+            # JSON keys are strings; layers are numbers everywhere else.
+            i = int(k) if isinstance(k, Integral) or (isinstance(k, str) and k.isdigit() and len(k) < 10) else -1
+            if not 0 <= i < self.n_layers or not isinstance(v, dict) or set(v) - {"n_heads", "ffn_dim"}:
+                raise InvalidModelConfig("layer_shapes", f"entry {_shown(k)}: {_shown(v)} (allowed: n_heads, "
+                                         f"ffn_dim of an existing layer)")
+            for name, n in v.items():
+                _check_dim(f"layer_shapes.{i}.{name}", n)
+            shapes[i] = {name: int(n) for name, n in v.items()}
+        object.__setattr__(self, "layer_shapes", shapes)
+        for i in shapes:
+            h, f = self.layer_shape(i)
+            if h % self.n_kv_heads:
+                raise InvalidModelConfig("layer_shapes", f"layer {i}: {h} heads and ffn {f} (heads must be a "
+                                         f"positive multiple of {self.n_kv_heads} kv heads, ffn positive)")
 
     def layer_shape(self, i: int) -> tuple[int, int]:
         """(query heads, ffn width) of layer i: the model's, unless structured pruning changed them."""

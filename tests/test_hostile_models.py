@@ -20,16 +20,16 @@ import h5py
 import numpy as np
 import pytest
 
+from hpc_llama.chat import MAX_INT_BITS, ChatTokenizer
 from hpc_llama.checkpoint import open_checkpoint
+from hpc_llama.checkpoint.gguf import MAX_ARRAY_ITEMS
 from hpc_llama.checkpoint.h5 import MAX_INFLATE, write_checkpoint
 from hpc_llama.checkpoint.hf import MAX_HEADER, write_hf
 from hpc_llama.checkpoint.slices import load_slice
 from hpc_llama.checkpoint.tensors import checksum
-from hpc_llama.checkpoint.gguf import MAX_ARRAY_ITEMS
 from hpc_llama.checkpoint.views import InitReader
 from hpc_llama.errors import HpcLlamaError
 from hpc_llama.model.llama import MAX_DIM, ModelConfig
-from hpc_llama.tokenizer import MAX_INT_BITS, ChatTokenizer
 
 from helpers.run import ROOT, one_line_error, run_cli
 

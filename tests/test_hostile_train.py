@@ -8,11 +8,12 @@ import shutil
 
 import pytest
 
+from hpc_llama.errors import HpcLlamaError
+from hpc_llama.train.trainer import MARKER, MARKER_FORMAT, checkpoint_problem, choose_checkpoint, retention_victims
+
 from helpers.files import metrics
 from helpers.models import TINY
 from helpers.run import one_line_error, run_job
-from hpc_llama.errors import HpcLlamaError
-from hpc_llama.train.trainer import MARKER, MARKER_FORMAT, checkpoint_problem, choose_checkpoint, retention_victims
 
 # Checkpoints at steps 2, 4, 6 and 8, one kept: each save's retention is exercised too.
 STEPS = 8

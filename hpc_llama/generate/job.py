@@ -52,8 +52,8 @@ _FLAGS = {"max_new_tokens": "generate.max_new_tokens", "temperature": "generate.
 
 def run(args) -> int:
     from ..batchjob import BatchJob
+    from ..chat import ChatTokenizer
     from ..documents import Fields, chunks, read_documents
-    from ..tokenizer import ChatTokenizer
 
     job = BatchJob(args, "generate", _FLAGS,
                    ["generate.add_bos=false"] * args.no_bos + ["generate.chat=true"] * args.chat,

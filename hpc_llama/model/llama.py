@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 MAX_DIM = (1 << 31) - 1
 """Largest size any dimension may claim: token ids and sizes travel as int32 in places."""
 

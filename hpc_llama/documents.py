@@ -135,54 +135,47 @@ def read_documents(files: list[InputFile], fields: Fields = Fields(), vocab_size
     """
     index = 0
     for f in files:
-        if f.kind == "text" and fields.text_lines:
-            with open(f.path, "rb") as fh:
-                for lineno, raw in enumerate(fh, 1):
-                    if not raw.strip():
-                        continue
-                    if index >= start:
-                        where = f"{f.path}:{lineno}"
-                        try:
-                            if len(raw) > fields.max_bytes:
-                                raise _too_large(where, len(raw), fields)
-                            yield Document(index, where, _utf8(raw.rstrip(b"\r\n"), where), None, where)
-                        except HpcLlamaError as e:
-                            if on_error is None:
-                                raise
-                            on_error(e)
-                    index += 1
-            continue
-        if f.kind == "text":
+        for where, read in _pieces(f, fields):
             if index >= start:
                 try:
-                    with open(f.path, "rb") as fh:
-                        size = os.fstat(fh.fileno()).st_size
-                        if size > fields.max_bytes:
-                            raise _too_large(f.path, size, fields)
-                        raw = fh.read()
-                    yield Document(index, f.path, _utf8(raw, f.path), None, f.path)
+                    doc = _document(f, fields, where, read(), index, vocab_size)
                 except HpcLlamaError as e:
                     if on_error is None:
                         raise
                     on_error(e)
+                else:
+                    yield doc
             index += 1
-            continue
-        with open(f.path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
-                if index >= start:
-                    try:
-                        if len(raw) > fields.max_bytes:
-                            raise _too_large(f"{f.path}:{lineno}", len(raw), fields)
-                        doc = parse_line(raw, f"{f.path}:{lineno}", index, fields, vocab_size)
-                    except HpcLlamaError as e:
-                        if on_error is None:
-                            raise
-                        on_error(e)
-                    else:
-                        yield doc
-                index += 1
+
+
+def _pieces(f: InputFile, fields: Fields):
+    """(where, a function returning its bytes) of each document of one file, in order, blank lines skipped.
+
+    A whole text file is read only when asked for, so a resumed job skips it unread.
+    """
+    if f.kind == "text" and not fields.text_lines:
+        def whole() -> bytes:
+            with open(f.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size > fields.max_bytes:
+                    raise _too_large(f.path, size, fields)
+                return fh.read()
+
+        yield f.path, whole
+        return
+    with open(f.path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if raw.strip():
+                yield f"{f.path}:{lineno}", (lambda raw=raw: raw)
+
+
+def _document(f: InputFile, fields: Fields, where: str, raw: bytes, index: int, vocab_size: int | None) -> Document:
+    if len(raw) > fields.max_bytes:
+        raise _too_large(where, len(raw), fields)
+    if f.kind == "jsonl":
+        return parse_line(raw, where, index, fields, vocab_size)
+    text = _utf8(raw.rstrip(b"\r\n") if fields.text_lines else raw, where)
+    return Document(index, where, text, None, where)
 
 
 def _utf8(raw: bytes, where: str) -> str:

@@ -228,3 +228,40 @@ def test_a_second_training_run_on_one_run_directory_is_refused(tmp_path):
         p = run_cli("train", "--config", "tiny-train", "--data", tmp_path / "no-data", "--out", run)
         one_line_error(p, f"{run} is being written by another job (host {socket.gethostname()} pid {os.getpid()} ")
     assert not run.exists()
+
+
+@pytest.mark.parametrize("job", ["convert", "prepare"])
+def test_a_real_kill_midway_leaves_only_what_the_rerun_sweeps(tmp_path, job):
+    """SIGKILL while the job writes into its private directory; the same command then finishes, and nothing of
+    the killed run is left."""
+    import glob
+    import signal
+
+    if job == "convert":
+        src = tmp_path / "m.h5"
+        run_cli("init", "--config", "bench-100m", "--set", "model.n_layers=4", "--set", "model.vocab_size=8000",
+                src, "--quiet", check=True)
+        out = tmp_path / "hf"
+        cmd = [HPC, "convert", str(src), str(out), "--format", "hf", "--quiet"]
+    else:
+        stdlib = os.path.dirname(os.__file__)
+        corpus = tmp_path / "corpus"
+        corpus.mkdir()
+        for f in sorted(glob.glob(os.path.join(stdlib, "*.py")))[:60]:
+            os.symlink(f, corpus / (os.path.basename(f) + ".txt"))
+        out = tmp_path / "data"
+        cmd = [HPC, "prepare", "--input", str(corpus), "--output", str(out), "--train-tokenizer", "512", "--quiet"]
+    private = f"{tmp_path}/.{out.name}.partial-*"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    deadline = time.monotonic() + 60
+    while not glob.glob(f"{private}/*") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, f"{job} finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert glob.glob(private) and not out.exists()  # what the kill left
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, DS_ACCELERATOR="cpu"),
+                       timeout=240)
+    assert p.returncode == 0, p.stderr
+    assert out.is_dir() and not glob.glob(private) and not os.path.exists(f"{out}.lock")

@@ -67,16 +67,24 @@ def open_regular(path: str, flags: int) -> int:
     return fd
 
 
-def _sync_directory(path: str) -> None:
-    """Make a rename in `path` durable (the directory entry, not only the file's bytes)."""
+def fsync_path(path: str) -> None:
+    """Make a file's bytes, or a directory's entries (a rename in it), durable.
+
+    A file that cannot be synced is an error; a directory that cannot is not: some file systems do not
+    fsync directories, and a rename in them is still atomic.
+    """
+    is_dir = os.path.isdir(path)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return
+        if is_dir:
+            return
+        raise
     try:
         os.fsync(fd)
     except OSError:
-        pass  # some file systems cannot fsync a directory; the rename itself is still atomic
+        if not is_dir:
+            raise
     finally:
         os.close(fd)
 
@@ -84,7 +92,7 @@ def _sync_directory(path: str) -> None:
 def publish(src: str, dst: str) -> None:
     """Rename a finished file over `dst`, durably. A link at `dst` is replaced, never followed."""
     os.replace(src, dst)
-    _sync_directory(os.path.dirname(os.path.abspath(dst)))
+    fsync_path(os.path.dirname(os.path.abspath(dst)))
 
 
 def _private_dir(dst: str) -> str:
@@ -166,8 +174,7 @@ def atomic_path(dst: str, overwrite: bool = False):
         except OSError as e:
             raise _write_error(e, dst) if e.filename is None else e from None
         if os.path.isfile(tmp):
-            with open(tmp, "rb") as f:  # a writer library (h5py, pyarrow) closed it, but did not fsync it
-                os.fsync(f.fileno())
+            fsync_path(tmp)  # a writer library (h5py, pyarrow) closed it, but did not fsync it
         if os.path.isdir(dst) and not os.path.islink(dst):
             # A directory cannot be replaced in one rename: move the old one
             # aside (into the private directory) first, so a failure in between
@@ -175,7 +182,7 @@ def atomic_path(dst: str, overwrite: bool = False):
             old = os.path.join(private, ".old")
             os.rename(dst, old)
             os.rename(tmp, dst)
-            _sync_directory(os.path.dirname(dst))
+            fsync_path(os.path.dirname(dst))
         else:
             publish(tmp, dst)
     finally:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import fsync_path
 from ..errors import HpcLlamaError
 from ..model.llama import Transformer
 
@@ -239,9 +240,9 @@ class Trainer:
         files, problem = {}, None
         try:
             for path in written:
-                _fsync(path)
+                fsync_path(path)
                 files[os.path.relpath(path, tag_dir)] = os.path.getsize(path)
-            _fsync(tag_dir)
+            fsync_path(tag_dir)
         except OSError as e:
             problem = f"rank {rank}: {e.filename}: {e.strerror}"
         _test_die_at("after-files", rank, step)
@@ -266,7 +267,7 @@ class Trainer:
         write_json_atomic(os.path.join(tag_dir, MARKER), {
             "format": MARKER_FORMAT, "version": 1, "tag": tag, "step": step, "world_size": self.info.world_size,
             "pp": self.pp, "dp": self.dp, "zero": self.zero, "dtype": str(self.dtype), "files": listed})
-        _fsync(ckpt_dir)  # the tag directory's own entry, before `latest` can name it
+        fsync_path(ckpt_dir)  # the tag directory's own entry, before `latest` can name it
         _test_die_at("after-marker", 0, step)
         with open_atomic(os.path.join(ckpt_dir, "latest")) as f:
             f.write(tag)
@@ -382,19 +383,6 @@ MARKER_FORMAT = "hpc_llama.train_checkpoint"
 _TAG = re.compile(r"step-(\d+)")
 
 
-def _fsync(path: str) -> None:
-    """Make a file's bytes, or a directory's entries, durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not os.path.isdir(path):
-            raise
-        # Some file systems cannot fsync a directory; its files themselves were.
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _recording_saves(engine, rank: int, step: int):
     """The paths this rank's DeepSpeed engine writes while the block runs.
@@ -435,7 +423,10 @@ def checkpoint_tags(ckpt_dir: str) -> list[str]:
         names = os.listdir(ckpt_dir)
     except FileNotFoundError:
         return []
-    tags = [n for n in names if _TAG.fullmatch(n) and os.path.isdir(os.path.join(ckpt_dir, n))]
+    return _newest_first(n for n in names if _TAG.fullmatch(n) and os.path.isdir(os.path.join(ckpt_dir, n)))
+
+
+def _newest_first(tags) -> list[str]:
     return sorted(tags, key=lambda t: int(_TAG.fullmatch(t)[1]), reverse=True)
 
 
@@ -478,7 +469,7 @@ def choose_checkpoint(ckpt_dir: str) -> tuple[str | None, str | None]:
     except OSError:
         latest = ""
     if _TAG.fullmatch(latest) and latest not in tags:
-        tags = sorted([*tags, latest], key=lambda t: int(_TAG.fullmatch(t)[1]), reverse=True)
+        tags = _newest_first([*tags, latest])
     passed = []
     for tag in tags:
         problem = checkpoint_problem(os.path.join(ckpt_dir, tag))

@@ -121,13 +121,14 @@ def _shard_block(files, fields, reader, cfg, shard) -> range:
 
 def _select_new(job, shard, fields):
     """Rank 0 writes OUT.inputs.jsonl, the documents not in the ledger; None when this period is done already."""
-    from ..documents import InputFile, read_documents
+    from ..atomic import open_atomic
+    from ..documents import read_documents
     from .ledger import Ledger
 
     args, out, reader, cfg = job.args, job.out, job.reader, job.cfg
     if shard:
         raise HpcLlamaError("--ledger and --shard do not go together")
-    selection = out + ".inputs.jsonl"
+    selection = _selection(out).path
     state = None
     if job.info.rank == 0:
         if os.path.exists(out) and not args.overwrite:
@@ -145,22 +146,32 @@ def _select_new(job, shard, fields):
     state = job.bcast(state)
     if state is None:
         return None
-    if os.path.getsize(state) == 0:
+    selection = _selection(out)
+    if selection.size == 0:
         if job.info.rank == 0:
-            open(out, "w").close()  # a dated output with nothing new in it
+            with open_atomic(out):  # a dated output with nothing new in it
+                pass
             job.say(f"no new documents: wrote an empty {out}", always=True)
         return None
-    return [InputFile(state, "jsonl", os.path.getsize(state))]
+    return [selection]
+
+
+def _selection(out: str):
+    """OUT.inputs.jsonl, the period's documents not yet in the ledger, as an input file."""
+    from ..documents import InputFile
+
+    path = out + ".inputs.jsonl"
+    return InputFile(path, "jsonl", os.path.getsize(path) if os.path.exists(path) else 0)
 
 
 def _record_selection(ledger_path, out, fields, reader) -> int:
-    from ..documents import InputFile, read_documents
+    from ..documents import read_documents
     from .ledger import Ledger
 
-    selection = out + ".inputs.jsonl"
-    if not os.path.exists(selection):
+    selection = _selection(out)
+    if not os.path.exists(selection.path):
         return 0
-    docs = read_documents([InputFile(selection, "jsonl", os.path.getsize(selection))], fields, reader.config.vocab_size)
+    docs = read_documents([selection], fields, reader.config.vocab_size)
     return Ledger(ledger_path).record(docs, os.path.basename(out))
 
 

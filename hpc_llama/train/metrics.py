@@ -35,8 +35,10 @@ class MetricsWriter:
     def truncate_after(self, step: int) -> None:
         """On resume: forget rows past the checkpoint, which the resumed run will write again."""
         if self.enabled and os.path.exists(self.path):
+            from ..atomic import open_atomic
+
             rows = [r for r in self.rows() if r["step"] <= step]
-            with open(self.path, "w") as f:
+            with open_atomic(self.path) as f:  # a kill while it is rewritten keeps every row
                 f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def plot(self, png: str, baseline: float | None = None) -> None:

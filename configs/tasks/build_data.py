@@ -7,10 +7,6 @@ docstrings with ``ast``; no stdlib module is imported or executed. The output
 depends only on those files: sorted file lists, fixed seeds, no set or hash
 order. The same Python build gives byte-identical files; another Python version
 (or a distribution that splits the stdlib into packages) gives different data.
-
-Also holds ``load_local``, the loader the task YAMLs name as ``custom_dataset``
-so that their ``data_files`` are found beside the YAML whatever the working
-directory (plain ``dataset_path: json`` resolves them against the cwd).
 """
 
 from __future__ import annotations
@@ -274,19 +270,6 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     tmp.write_bytes(data.encode("utf-8"))
     os.replace(tmp, path)
     print(f"{path}: {len(records)} records, {len(data.encode('utf-8'))} bytes")
-
-
-def load_local(data_files: dict[str, str], **_metadata):
-    """``custom_dataset`` for the task YAMLs: the JSON files beside this script.
-
-    lm-eval calls it with the task's ``dataset_kwargs`` plus its metadata (the
-    model arguments among them), which are ignored.
-    """
-    import datasets
-
-    here = Path(__file__).resolve().parent
-    files = {split: str(here / name) for split, name in data_files.items()}
-    return datasets.load_dataset("json", data_files=files)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -67,7 +67,7 @@ class BatchJob:
         self.cfg = sections[section] or SECTIONS[section]()
         self.comm = world_comm()
         self.info = start_rank(self.comm)
-        self.fmt = fmt or output_format(args.output, args.format)
+        self.fmt = fmt or output_format(args.output, getattr(args, "format", None))
         if formats is not None and self.fmt not in formats:
             raise HpcLlamaError(f"{section} writes " + " or ".join(f".{f}" for f in formats))
         self.out = out or args.output
@@ -78,7 +78,7 @@ class BatchJob:
             sweep(self.out)
         self.reader = open_checkpoint(args.model)
         self.tokenizer = Tokenizer.from_checkpoint(self.reader)
-        self.files = expand_inputs(args.input)
+        self.files = expand_inputs(getattr(args, "input", None) or [])  # eval makes its own input
         if self.info.rank == 0:
             check_not_an_input(self.out, [f.path for f in self.files] + [self.reader.path])
         require_layout(self.info.world_size, self.parallel.pp)

@@ -54,6 +54,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def field_list(text: str) -> tuple[str, ...]:
+    """An argparse type for `a,b,c`: record field names, none empty, none twice."""
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected field names separated by commas, each once, got {text!r}")
+    return names
+
+
 def add_overwrite_argument(p, what: str = "OUT") -> None:
     """The one flag that replaces an existing output, in every job; `--force`, its old name in some jobs,
     stays as a hidden alias so existing scripts keep working."""

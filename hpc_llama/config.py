@@ -75,6 +75,8 @@ class ScoreConfig:
     """Write each document's per-token log-probabilities too."""
     max_document_bytes: int = 8 << 20
     """A larger document (a JSONL line or a text file, in bytes) is an error naming its file and line."""
+    share_context: bool = True
+    """Conditional requests of one step with the same context are scored from one copy of it."""
 
     def __post_init__(self):
         for name in ("context", "stride", "micro_batches"):

@@ -37,6 +37,10 @@ class Document:
     """FILE:LINE (or FILE) for error messages."""
     response: str | None = None
     """For task data: the response to `text` (the prompt)."""
+    context: str | None = None
+    """A conditional request: `text` (its continuation) is scored given this context."""
+    keep: tuple | None = None
+    """The values of the fields the job copies into its record (`--keep-fields`), in that order."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,10 @@ class Fields:
     """A plain-text file holds one document per non-empty line (prompts), not one in all."""
     max_bytes: int = MAX_DOCUMENT_BYTES
     """A document larger than this (in bytes, as stored) is an error naming its file and line."""
+    conditional: bool = False
+    """A record with a `context` field is a conditional request: its `continuation` is scored given it."""
+    keep: tuple[str, ...] = ()
+    """Fields copied from each input record into its output record (a missing one is null)."""
 
 
 def _too_large(where: str, size: int, fields: Fields) -> HpcLlamaError:
@@ -103,6 +111,7 @@ def parse_line(raw: bytes, where: str, index: int, fields: Fields, vocab_size: i
     if not isinstance(obj, dict):
         raise HpcLlamaError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     doc_id = obj.get(fields.id)
+    keep = tuple(obj.get(k) for k in fields.keep) if fields.keep else None
     if "input_ids" in obj:
         ids = obj["input_ids"]
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -111,18 +120,31 @@ def parse_line(raw: bytes, where: str, index: int, fields: Fields, vocab_size: i
             bad = next((t for t in ids if t < 0 or t >= vocab_size), None)
             if bad is not None:
                 raise HpcLlamaError(f"{where}: input_ids contains {bad}, outside the vocabulary (0..{vocab_size - 1})")
-        return Document(index, doc_id, None, tuple(ids), where)
+        return Document(index, doc_id, None, tuple(ids), where, keep=keep)
+    if fields.conditional and "context" in obj:
+        return _request(obj, doc_id, where, index, keep)
     text = obj.get(fields.text)
     if text is None:
         raise HpcLlamaError(f"{where}: no {fields.text!r} field" + ("" if fields.response else " (and no input_ids)"))
     if not isinstance(text, str):
         raise HpcLlamaError(f"{where}: field {fields.text!r} is not a string")
     if fields.response is None:
-        return Document(index, doc_id, text, None, where)
+        return Document(index, doc_id, text, None, where, keep=keep)
     response = obj.get(fields.response)
     if not isinstance(response, str):
         raise HpcLlamaError(f"{where}: no {fields.response!r} field (a string) to go with {fields.text!r}")
-    return Document(index, doc_id, text, None, where, response)
+    return Document(index, doc_id, text, None, where, response, keep=keep)
+
+
+def _request(obj: dict, doc_id, where: str, index: int, keep: tuple | None) -> Document:
+    context, continuation = obj["context"], obj.get("continuation")
+    if not isinstance(context, str):
+        raise HpcLlamaError(f"{where}: field 'context' is not a string")
+    if continuation is None:
+        raise HpcLlamaError(f"{where}: a record with 'context' needs a 'continuation' (the text scored given it)")
+    if not isinstance(continuation, str):
+        raise HpcLlamaError(f"{where}: field 'continuation' is not a string")
+    return Document(index, doc_id, continuation, None, where, context=context, keep=keep)
 
 
 def read_documents(files: list[InputFile], fields: Fields = Fields(), vocab_size: int | None = None, start: int = 0,
@@ -185,6 +207,15 @@ def _utf8(raw: bytes, where: str) -> str:
         raise HpcLlamaError(f"{where}: not valid UTF-8 (byte {e.start})") from None
 
 
+def file_checksum(path: str) -> str:
+    """xxh3-64 of a file's bytes, as hex: how inputs are named in journals and summaries."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as fh:
+        while block := fh.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def scan_inputs(files: list[InputFile], fields: Fields, vocab_size: int | None, need_tokenizer_ok: bool,
                 on_error=None):
     """Validate every document, count them and checksum every file, before any work starts.
@@ -194,13 +225,6 @@ def scan_inputs(files: list[InputFile], fields: Fields, vocab_size: int | None, 
     """
     out, with_text, total = [], 0, 0
     for f in files:
-        h = xxhash.xxh3_64()
-        with open(f.path, "rb") as fh:
-            while True:
-                block = fh.read(8 << 20)
-                if not block:
-                    break
-                h.update(block)
         n = 0
         for doc in read_documents([f], fields, vocab_size, on_error=on_error):
             n += 1
@@ -209,7 +233,7 @@ def scan_inputs(files: list[InputFile], fields: Fields, vocab_size: int | None, 
                 if not need_tokenizer_ok:
                     raise HpcLlamaError(f"{doc.where}: the document is text but the checkpoint has no tokenizer.json "
                                         f"(give input_ids, or a checkpoint with a tokenizer)")
-        out.append(InputFile(f.path, f.kind, f.size, h.hexdigest(), n))
+        out.append(InputFile(f.path, f.kind, os.path.getsize(f.path), file_checksum(f.path), n))
         total += n
     if total == 0:
         raise HpcLlamaError(f"no documents in {', '.join(f.path for f in files)}")
@@ -218,17 +242,20 @@ def scan_inputs(files: list[InputFile], fields: Fields, vocab_size: int | None, 
 
 def chunks(docs, max_docs: int, max_chars: int):
     """Group a document stream into lists; a chunk ends at `max_docs` documents or
-    once it holds `max_chars` characters (token ids count as characters).
+    once it holds `max_chars` characters (token ids count as characters), but
+    never between consecutive requests with the same context (the choices of
+    one question are scored from one copy of it).
 
     Boundaries depend only on the documents, never on the layout or on where a
     run started, as long as it starts on a boundary.
     """
-    chunk, size = [], 0
+    chunk, size, full = [], 0, False
     for d in docs:
-        chunk.append(d)
-        size += len(d.text) if d.text is not None else len(d.input_ids)
-        if len(chunk) >= max_docs or size >= max_chars:
+        if full and (d.context is None or d.context != chunk[-1].context):
             yield chunk
             chunk, size = [], 0
+        chunk.append(d)
+        size += (len(d.text) + len(d.context or "")) if d.text is not None else len(d.input_ids)
+        full = len(chunk) >= max_docs or size >= max_chars
     if chunk:
         yield chunk

@@ -142,12 +142,15 @@ def _records(partial: str, batch: int = 65536):
             yield out
 
 
-def _id_type(partial: str) -> str:
-    kinds = set()
+def _id_types(partial: str, columns: dict[str, str]) -> dict[str, str]:
+    """Each `id` column's type: int when every value is an integer or null, else str."""
+    names = [n for n, kind in columns.items() if kind == "id"]
+    kinds: dict[str, set] = {n: set() for n in names}
     for recs in _records(partial):
-        kinds.update("int" if isinstance(r["id"], int) and not isinstance(r["id"], bool) else
-                     "none" if r["id"] is None else "other" for r in recs)
-    return "int" if kinds <= {"int", "none"} else "str"
+        for n in names:
+            kinds[n].update("int" if isinstance(r.get(n), int) and not isinstance(r.get(n), bool) else
+                            "none" if r.get(n) is None else "other" for r in recs)
+    return {n: "int" if k <= {"int", "none"} else "str" for n, k in kinds.items()}
 
 
 def _id_value(v, kind: str):
@@ -160,28 +163,29 @@ def write_parquet(partial: str, dst: str, columns: dict[str, str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    id_kind = _id_type(partial)
-    types = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "int_list": pa.list_(pa.int64()),
-             "float_list": pa.list_(pa.float32()), "id": pa.int64() if id_kind == "int" else pa.string()}
-    schema = pa.schema([(name, types[kind]) for name, kind in columns.items()])
+    id_kinds = _id_types(partial, columns)
+    types = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_(),
+             "int_list": pa.list_(pa.int64()), "float_list": pa.list_(pa.float32())}
+    schema = pa.schema([(name, (pa.int64() if id_kinds[name] == "int" else pa.string()) if kind == "id" else
+                         types[kind]) for name, kind in columns.items()])
     with pq.ParquetWriter(dst, schema) as w:
         for recs in _records(partial):
-            cols = {name: [(_id_value(r[name], id_kind) if kind == "id" else r[name]) for r in recs]
+            cols = {name: [(_id_value(r.get(name), id_kinds[name]) if kind == "id" else r.get(name)) for r in recs]
                     for name, kind in columns.items()}
             w.write_table(pa.table(cols, schema=schema))
 
 
 def write_hdf5(partial: str, dst: str, columns: dict[str, str]) -> None:
     """One dataset per column; a list column is flattened, with `<name>_offsets` marking each record's part;
-    a missing float is NaN, a missing integer id the smallest int64 (attribute `missing`)."""
+    a missing float is NaN, a missing integer the smallest int64 and a missing bool -1 (attribute `missing`)."""
     import h5py
     import numpy as np
 
-    id_kind = _id_type(partial)
-    scalar = {"int": np.int64, "float": np.float64, "str": h5py.string_dtype(),
-              "id": np.int64 if id_kind == "int" else h5py.string_dtype()}
+    id_kinds = _id_types(partial, columns)
+    scalar = {"int": np.int64, "float": np.float64, "str": h5py.string_dtype(), "bool": np.int8}
     lists = {"int_list": np.int64, "float_list": np.float32}
     missing = np.iinfo(np.int64).min
+    missing_of = {"int": missing, "bool": -1}
     with h5py.File(dst, "w") as f:
         f.attrs["format"] = "hpc_llama.records"
         ds, flat, offsets = {}, {}, {}
@@ -192,22 +196,21 @@ def write_hdf5(partial: str, dst: str, columns: dict[str, str]) -> None:
                                                  chunks=(65536,))
                 offsets[name][0] = 0
             else:
+                kind = id_kinds[name] if kind == "id" else kind
                 ds[name] = f.create_dataset(name, (0,), dtype=scalar[kind], maxshape=(None,), chunks=(65536,))
-                if kind == "id" and id_kind == "int":
-                    ds[name].attrs["missing"] = missing
+                if kind in missing_of:
+                    ds[name].attrs["missing"] = missing_of[kind]
         n = 0
         for recs in _records(partial):
             m = len(recs)
             for name, d in ds.items():
                 kind = columns[name]
                 d.resize((n + m,))
+                values = [r.get(name) for r in recs]
                 if kind == "id":
-                    d[n:] = [(missing if id_kind == "int" else "") if r[name] is None else _id_value(r[name], id_kind)
-                             for r in recs]
-                elif kind == "float":
-                    d[n:] = [np.nan if r[name] is None else r[name] for r in recs]
-                else:
-                    d[n:] = [r[name] for r in recs]
+                    kind = id_kinds[name]
+                    values = [None if v is None else _id_value(v, kind) for v in values]
+                d[n:] = [(np.nan if kind == "float" else missing_of.get(kind, "")) if v is None else v for v in values]
             for name in flat:
                 lengths = [len(r[name]) for r in recs]
                 start = int(offsets[name][-1])

@@ -8,6 +8,10 @@ same parameter names as the whole model (`layers.17.attention.wq.weight`).
 
 Attention rule (one rule for every mode): query i of row b may see key j when
 key_pos[b, j] <= query_pos[b, i] (and key_mask[b, j] when a mask is given).
+Packed rows add segments: segment 0 is a prefix every token of the row may
+see, and a token of segment s > 0 sees that prefix and its own segment only,
+so several continuations scored after one copy of their shared context never
+see each other (their positions restart where the context ends).
 Without a cache the key positions are the input positions, so right-padded
 batches need no mask at all; with a cache a key's slot *is* its position, so
 rows of different lengths decode together without left padding.
@@ -450,10 +454,11 @@ class Transformer(nn.Module):
         cfg = self.cfg
         return {k: KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, device, dtype) for k in self.layers}
 
-    def trunk(self, x, positions=None, key_mask=None, cache: dict[str, KVCache] | None = None):
+    def trunk(self, x, positions=None, key_mask=None, cache: dict[str, KVCache] | None = None, segments=None):
         """Embedding (if owned) and this slice's layers: hidden states (B, T, dim) before the final norm.
 
-        x: tokens (B, T) or hidden (B, T, dim); positions (B, T); key_mask (B, T) bool, True = real token.
+        x: tokens (B, T) or hidden (B, T, dim); positions (B, T); key_mask (B, T) bool, True = real token;
+        segments (B, T) int, 0 = the shared prefix (see the attention rule above; not with a cache).
         """
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
         B, T = h.shape[:2]
@@ -461,7 +466,10 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("decoding with a cache needs explicit positions")
             positions = torch.arange(T, device=h.device).expand(B, T)
-        mask = attention_mask(positions, key_mask, cache is not None, _is_plain(positions, key_mask, cache))
+        if segments is not None and not bool(segments.any()):
+            segments = None  # no packed row in this batch
+        mask = attention_mask(positions, key_mask, cache is not None, _is_plain(positions, key_mask, cache, segments),
+                              segments)
         cos, sin = rotary_tables(self.cfg, positions, h.dtype)
         for key, layer in self.layers.items():
             h = layer(h, cos, sin, mask, positions, None if cache is None else cache[key])
@@ -477,16 +485,16 @@ class Transformer(nn.Module):
         return h if self.output is None else self.head(h)
 
 
-def _is_plain(positions, key_mask, cache) -> bool:
-    # The common case -- no cache, no mask, positions 0..T-1 in every row --
+def _is_plain(positions, key_mask, cache, segments=None) -> bool:
+    # The common case -- no cache, no mask, no segments, positions 0..T-1 in every row --
     # takes SDPA's built-in causal path, which never builds a (T, T) mask.
-    if cache is not None or key_mask is not None:
+    if cache is not None or key_mask is not None or segments is not None:
         return False
     T = positions.shape[1]
     return bool((positions == torch.arange(T, device=positions.device)).all())
 
 
-def attention_mask(positions, key_mask, cached: bool, plain: bool):
+def attention_mask(positions, key_mask, cached: bool, plain: bool, segments=None):
     """Boolean (B, 1, T, S) mask, True where attention is allowed; None for plain causal."""
     if plain:
         return None
@@ -498,6 +506,10 @@ def attention_mask(positions, key_mask, cached: bool, plain: bool):
     allowed = key_pos[:, None, :] <= positions[:, :, None]  # (B, T, S)
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, :]
+    if segments is not None:
+        if cached:
+            raise ValueError("segments are for scoring packed rows, not for decoding with a cache")
+        allowed = allowed & ((segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None]))
     # A query that may see nothing (a masked pad) would give NaN; let it see
     # itself instead -- its output is never used.
     T = positions.shape[1]

@@ -27,18 +27,20 @@ class PipeStage(nn.Module):
 
     The first stage receives `(tokens, positions, *extra)`; between stages
     travels `(hidden, positions, *extra)`, the extras (targets, masks) passed
-    along untouched. The last stage returns `head_fn(model, hidden, inputs)`,
-    by default the logits.
+    along untouched. When `segmented`, the first extra is the rows' segments
+    (packed continuations; see the model's attention rule). The last stage
+    returns `head_fn(model, hidden, inputs)`, by default the logits.
     """
 
-    def __init__(self, model: Transformer, head_fn=None):
+    def __init__(self, model: Transformer, head_fn=None, segmented: bool = False):
         super().__init__()
         self.model = model
         self.head_fn = head_fn
+        self.segmented = segmented
 
     def forward(self, inputs):
         x, positions, *extra = inputs
-        h = self.model.trunk(x, positions)
+        h = self.model.trunk(x, positions, segments=extra[0] if self.segmented else None)
         if self.model.output is None:
             return (h, positions, *extra)
         return self.model.head(h) if self.head_fn is None else self.head_fn(self.model, h, inputs)
@@ -46,7 +48,7 @@ class PipeStage(nn.Module):
 
 def build_pipeline(reader: CheckpointReader, info: RankInfo, parallel: ParallelConfig, micro_batch: int,
                    head_fn=None, dtype: torch.dtype | None = None, ds_extra: dict | None = None,
-                   load_stats: dict | None = None):
+                   load_stats: dict | None = None, segmented: bool = False):
     """This rank's stage of the model inside a DeepSpeed PipelineEngine, for forward passes.
 
     Returns (engine, plan, replica). Only this stage's layers are read from
@@ -60,7 +62,7 @@ def build_pipeline(reader: CheckpointReader, info: RankInfo, parallel: ParallelC
     plan = stage_plans(reader.config, parallel)[stage]
     dtype = dtype or resolve_dtype(parallel.dtype, info.device)
     model = load_slice(reader, plan.layers, plan.embed, plan.head, info.device, dtype, stats=load_stats)
-    layers = [PipeStage(model, head_fn) if s == stage else f"stage {s} (built on its own ranks)"
+    layers = [PipeStage(model, head_fn, segmented) if s == stage else f"stage {s} (built on its own ranks)"
               for s in range(parallel.pp)]
     dp = info.world_size // parallel.pp
     config = {

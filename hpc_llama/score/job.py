@@ -20,7 +20,7 @@ from ..errors import HpcLlamaError
 
 def add_arguments(p):
     from ..batchjob import add_closing_arguments, add_common_arguments
-    from ..cli import positive_int
+    from ..cli import field_list, positive_int
 
     add_common_arguments(p, model_help="checkpoint: .h5, sharded directory, HF directory, GGUF file, or smollm2-135m",
                          input_help="JSONL files, .txt files, directories of .txt, or globs",
@@ -34,6 +34,8 @@ def add_arguments(p):
     p.add_argument("--max-batch", type=int, help="most sequences per micro-batch (default 64)")
     p.add_argument("--token-logprobs", action="store_true", help="also write per-token log-probabilities")
     p.add_argument("--no-bos", action="store_true", help="do not put BOS before text documents")
+    p.add_argument("--keep-fields", type=field_list, default=(), metavar="A,B",
+                   help="copy these fields of each input record into its output record")
     p.add_argument("--shard", metavar="I/N", help="score only the I-th of N contiguous blocks of the documents, into "
                    "OUT.part-I-of-N.jsonl; `hpc-llama merge --output OUT` joins the N parts (job arrays)")
     p.add_argument("--ledger", metavar="FILE", help="score only documents whose content is not in FILE, then add "
@@ -46,11 +48,9 @@ _FLAGS = {"text_field": "score.text_field", "id_field": "score.id_field", "conte
 
 
 def run(args) -> int:
-    from itertools import islice
-
     from ..batchjob import BatchJob
-    from ..documents import Fields, chunks, read_documents, scan_inputs
-    from .records import SCORE_COLUMNS, parse_shard, part_path, step_lines
+    from ..documents import Fields, scan_inputs
+    from .records import SCORE_COLUMNS, parse_shard, part_path
     from .scorer import Scorer
 
     # A part of a sharded job is JSON lines whatever OUT's format: `merge` writes OUT.
@@ -59,7 +59,8 @@ def run(args) -> int:
                    ["score.token_logprobs=true"] * args.token_logprobs + ["score.add_bos=false"] * args.no_bos,
                    out=part_path(args.output, *shard) if shard else None, fmt="jsonl" if shard else None)
     cfg, reader, info = job.cfg, job.reader, job.info
-    fields = Fields(cfg.text_field, cfg.id_field, max_bytes=cfg.max_document_bytes)
+    fields = Fields(cfg.text_field, cfg.id_field, max_bytes=cfg.max_document_bytes, conditional=True,
+                    keep=args.keep_fields)
     if args.ledger:
         job.files = _select_new(job, shard, fields)
         if job.files is None:
@@ -72,19 +73,15 @@ def run(args) -> int:
                        range(sum(f.documents for f in files)))
 
     block = job.validate(scan, {"score": cfg.__dict__, "dtype": job.parallel.dtype, "format": job.fmt,
-                                "shard": shard})
+                                "shard": shard, "keep_fields": list(args.keep_fields)})
     total = len(block)
     with job.running(total, "doc"):
         scorer = Scorer(reader, job.tokenizer, info, job.comm, job.parallel, cfg)
-        docs = islice(read_documents(job.files, fields, reader.config.vocab_size, block.start + job.start),
-                      total - job.start)
-        for step in chunks(docs, cfg.chunk_docs, cfg.chunk_chars):
-            result = scorer.score_step(step)
-            if info.rank == 0:
-                job.commit(step_lines(step, result), result.totals(), result.totals()["tokens"])
+        score_documents(job, scorer, fields, total, block.start, args.keep_fields)
         ranks = scorer.rank_stats()
         if info.rank == 0:
-            columns = dict(SCORE_COLUMNS, **({"token_logprobs": "float_list"} if cfg.token_logprobs else {}))
+            columns = dict(SCORE_COLUMNS, **({"token_logprobs": "float_list"} if cfg.token_logprobs else {}),
+                           **{k: "id" for k in args.keep_fields})
             summary = _summary(job, scorer, ranks, shard and {
                 "index": shard[0], "count": shard[1], "first": block.start, "documents": total,
                 "of": sum(f.documents for f in job.files)})
@@ -94,6 +91,23 @@ def run(args) -> int:
             if args.ledger:
                 _record_selection(args.ledger, job.out, fields, reader)
     return 0
+
+
+def score_documents(job, scorer, fields, total: int, first: int = 0, keep_fields=()) -> None:
+    """Score documents first.. first+total-1 of the job's inputs step by step, from where an earlier attempt
+    stopped; rank 0 commits each step's records to the journal."""
+    from itertools import islice
+
+    from ..documents import chunks, read_documents
+    from .records import step_lines, text_stats
+
+    cfg = job.cfg
+    docs = islice(read_documents(job.files, fields, job.reader.config.vocab_size, first + job.start), total - job.start)
+    for step in chunks(docs, cfg.chunk_docs, cfg.chunk_chars):
+        result = scorer.score_step(step)
+        if job.info.rank == 0:
+            totals = result.totals()
+            job.commit(step_lines(step, result, keep_fields), dict(totals, **text_stats(step, result)), totals["tokens"])
 
 
 def _rounded(x):
@@ -176,7 +190,7 @@ def _record_selection(ledger_path, out, fields, reader) -> int:
 
 
 def _summary(job, scorer, ranks, shard) -> dict:
-    import math
+    from .records import corpus_numbers
 
     journal = job.journal
     stats = journal.state["stats"]
@@ -184,10 +198,10 @@ def _summary(job, scorer, ranks, shard) -> dict:
     wall = job.wall()
     summary = {
         "output": os.path.abspath(job.out), "documents": journal.documents_done, "tokens": tokens,
-        "loglik": stats.get("loglik", 0.0),
-        "corpus_ppl": math.exp(-stats["loglik"] / tokens) if tokens else None,
+        "loglik": stats.get("loglik", 0.0), **corpus_numbers(stats),
         "wall_s": round(wall, 3), "tokens_per_s_this_run": round(job.progress.tokens / max(wall, 1e-9), 1),
         "padding_waste": round(1 - stats.get("real_positions", 0) / stats["positions"], 4) if stats.get("positions") else 0.0,
+        "positions": stats.get("positions", 0), "real_positions": stats.get("real_positions", 0),
         "layout": job.layout(dtype=str(scorer.dtype).replace("torch.", "")),
         "context": scorer.context, "stride": scorer.stride, "resumed": journal.resumed,
         # What else decides a record's bytes; `merge` refuses parts that differ in it.

@@ -25,6 +25,98 @@ class Window:
     length: int
     n_scored: int
 
+    def pieces(self) -> list[tuple[int, int, int]]:
+        """(doc, first, end) of the row positions whose predictions count, per document."""
+        return [(self.doc, self.length - self.n_scored, self.length)]
+
+    def fill(self, seqs, tokens, positions, segments, targets, weights) -> None:
+        seq = seqs[self.doc]
+        tokens[:self.length] = torch.as_tensor(seq[self.start:self.start + self.length])
+        targets[:self.length] = torch.as_tensor(seq[self.start + 1:self.start + self.length + 1])
+        weights[self.length - self.n_scored:self.length] = True
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Conditional requests that share their first `shared` ids (one context), scored from one copy of it.
+
+    The row is the context but its last id (segment 0), then per request a
+    segment of its own: the context's last id and the continuation's ids but
+    the last, at the positions they have in the request alone. The model's
+    segment rule keeps requests from seeing each other, so each prediction is
+    the one the request would get scored alone.
+    """
+
+    docs: tuple[int, ...]
+    shared: int
+    continuations: tuple[int, ...]
+    """Each request's number of continuation ids (at least 1)."""
+
+    @property
+    def length(self) -> int:
+        return self.shared - 1 + sum(self.continuations)
+
+    def pieces(self) -> list[tuple[int, int, int]]:
+        out, at = [], self.shared - 1
+        for doc, n in zip(self.docs, self.continuations, strict=True):
+            out.append((doc, at, at + n))
+            at += n
+        return out
+
+    def fill(self, seqs, tokens, positions, segments, targets, weights) -> None:
+        c = self.shared
+        tokens[:c - 1] = torch.as_tensor(seqs[self.docs[0]][:c - 1])
+        for k, (doc, lo, hi) in enumerate(self.pieces(), 1):
+            seq = seqs[doc]
+            tokens[lo:hi] = torch.as_tensor(seq[c - 1:c - 1 + hi - lo])
+            targets[lo:hi] = torch.as_tensor(seq[c:c + hi - lo])
+            positions[lo:hi] = torch.arange(c - 1, c - 1 + hi - lo)
+            segments[lo:hi] = k
+            weights[lo:hi] = True
+
+
+class ContinuationTooLong(ValueError):
+    def __init__(self, doc: int, n: int, context: int):
+        super().__init__(f"the continuation is {n} tokens, more than the context window ({context})")
+        self.doc = doc
+
+
+def request_rows(seqs, contexts, context: int, stride: int, share: bool = True) -> list[Window | Packed]:
+    """The rows that score a step's documents: rolling windows of a whole document; for a conditional
+    request (contexts[d] >= 0 ids of seqs[d] are its context) the last `context` ids before its last one,
+    lm-eval's left truncation, and (`share`) requests sharing one context in full packed into one row.
+
+    Rows come in the order of their first document, windows of a document in order.
+    """
+    rows: list = []
+    groups: dict[bytes, list[int]] = {}
+    where: dict[bytes, int] = {}
+    for d, (seq, c) in enumerate(zip(seqs, contexts, strict=True)):
+        if c < 0:
+            rows.extend(Window(d, *w) for w in rolling_windows(len(seq), context, stride))
+            continue
+        n = len(seq) - c
+        if n == 0:
+            continue
+        if n > context:
+            raise ContinuationTooLong(d, n, context)
+        if len(seq) - 1 > context:  # left-truncated: this request's context is its own
+            rows.append(Window(d, len(seq) - 1 - context, context, n))
+            continue
+        key = seq[:c].tobytes() if share else d.to_bytes(8, "little") + seq[:c].tobytes()
+        if key not in groups:
+            groups[key] = []
+            where[key] = len(rows)
+            rows.append(None)
+        groups[key].append(d)
+    for key, docs in groups.items():
+        c = int(contexts[docs[0]])
+        if len(docs) == 1:
+            rows[where[key]] = Window(docs[0], 0, len(seqs[docs[0]]) - 1, len(seqs[docs[0]]) - c)
+        else:
+            rows[where[key]] = Packed(tuple(docs), c, tuple(len(seqs[d]) - c for d in docs))
+    return rows
+
 
 def rolling_windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, length, n_scored) of the windows that score targets 1..n-1 of a sequence of n tokens."""
@@ -99,48 +191,49 @@ def replica_rounds(n_calls: int, dp: int) -> list[list[int | None]]:
     return rounds
 
 
-def call_tensors(call: Call, windows: list[Window], seqs: list, device="cpu"):
-    """The micro-batches of a call: (tokens, positions, targets, weights), each (B, T)."""
+def call_tensors(call: Call, rows: list, seqs: list, device="cpu"):
+    """The micro-batches of a call: (tokens, positions, segments, targets, weights), each (B, T).
+
+    Padding sits at the end of a row, at positions past every real one, so
+    the attention rule keeps real tokens from seeing it.
+    """
     out = []
     for row_ids in call.rows:
-        tokens = torch.zeros(call.batch, call.length, dtype=torch.long)
-        targets = torch.zeros(call.batch, call.length, dtype=torch.long)
-        weights = torch.zeros(call.batch, call.length, dtype=torch.bool)
-        for b, wid in enumerate(row_ids):
-            w = windows[wid]
-            seq = seqs[w.doc]
-            tokens[b, :w.length] = torch.as_tensor(seq[w.start:w.start + w.length])
-            targets[b, :w.length] = torch.as_tensor(seq[w.start + 1:w.start + w.length + 1])
-            weights[b, w.length - w.n_scored:w.length] = True
-        positions = torch.arange(call.length).expand(call.batch, call.length).contiguous()
-        out.append(tuple(t.to(device) for t in (tokens, positions, targets, weights)))
+        shape = (call.batch, call.length)
+        tokens, targets, segments = (torch.zeros(shape, dtype=torch.long) for _ in range(3))
+        weights = torch.zeros(shape, dtype=torch.bool)
+        positions = torch.arange(call.length).expand(shape).contiguous()
+        for b, rid in enumerate(row_ids):
+            rows[rid].fill(seqs, tokens[b], positions[b], segments[b], targets[b], weights[b])
+        out.append(tuple(t.to(device) for t in (tokens, positions, segments, targets, weights)))
     return out
 
 
 def dummy_call(device="cpu"):
     """A one-token micro-batch that scores nothing, for a replica with no work this round."""
     z = torch.zeros(1, 1, dtype=torch.long, device=device)
-    return [(z, z.clone(), z.clone(), torch.zeros(1, 1, dtype=torch.bool, device=device))]
+    return [(z, z.clone(), z.clone(), z.clone(), torch.zeros(1, 1, dtype=torch.bool, device=device))]
 
 
 def score_head(model, h, inputs, chunk_elements: int = 1 << 24):
-    """Last stage: log-probabilities of the scored targets.
+    """Last stage: log-probabilities of the scored targets, and whether each is the model's first choice.
 
-    Returns (loglik (B,) float64, token_logprobs (B, T) float32, zero where not
-    scored). The head runs only on scored positions -- not on padding or on
-    context kept from an earlier window -- in pieces of at most
+    Returns (token_logprobs (B, T) float32, greedy (B, T) bool), zero / False
+    where not scored. The head runs only on scored positions -- not on padding
+    or on context kept from an earlier window -- in pieces of at most
     `chunk_elements` logits, so a 128K vocabulary never materialises (B, T, V).
     """
-    targets, weights = inputs[2], inputs[3]
+    targets, weights = inputs[3], inputs[4]
     B, T, D = h.shape
     flat = h.reshape(B * T, D)
     picked = weights.reshape(-1).nonzero().squeeze(1)
     lp = torch.zeros(B * T, dtype=torch.float32, device=h.device)
+    greedy = torch.zeros(B * T, dtype=torch.bool, device=h.device)
     step = max(1, chunk_elements // model.cfg.vocab_size)
     tgt = targets.reshape(-1)
     for s in range(0, picked.numel(), step):
         sel = picked[s:s + step]
         logits = model.head(flat[sel]).float()
         lp[sel] = logits.gather(1, tgt[sel, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
-    lp = lp.view(B, T)
-    return lp.double().sum(dim=1), lp
+        greedy[sel] = logits.argmax(dim=1) == tgt[sel]
+    return lp.view(B, T), greedy.view(B, T)

@@ -4,23 +4,68 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from ..errors import HpcLlamaError
 
 
-def record_line(index: int, doc_id, n_tokens: int, loglik: float, token_logprobs=None) -> str:
+def record_line(index: int, doc_id, n_tokens: int, loglik: float, n_bytes: int | None = None,
+                is_greedy: bool | None = None, token_logprobs=None, keep: dict | None = None) -> str:
     rec = {"index": index, "id": doc_id, "n_tokens": n_tokens, "loglik": loglik,
-           "ppl": math.exp(-loglik / n_tokens) if n_tokens else None}
+           "ppl": math.exp(-loglik / n_tokens) if n_tokens else None, "n_bytes": n_bytes}
+    if is_greedy is not None:
+        rec["is_greedy"] = is_greedy
     if token_logprobs is not None:
         rec["token_logprobs"] = [float(x) for x in token_logprobs]
+    if keep:
+        rec.update(keep)
     return json.dumps(rec, ensure_ascii=False) + "\n"
 
 
-def step_lines(docs, result) -> list[str]:
+def scored_text(doc) -> str | None:
+    """The text whose log-likelihood a record holds: the continuation of a conditional request, a text
+    document's text; None for token ids."""
+    return doc.text
+
+
+def count_words(text: str) -> int:
+    # lm-evaluation-harness's word count for word perplexity: pieces between runs of whitespace.
+    return len(re.split(r"\s+", text))
+
+
+def step_lines(docs, result, keep_fields=()) -> list[str]:
     """One step's records as JSON lines, in input order (`result`: the scorer's StepResult on rank 0)."""
     lps = result.token_logprobs
-    return [record_line(d.index, d.id, int(n), float(ll), None if lps is None else lps[j])
-            for j, (d, n, ll) in enumerate(zip(docs, result.n_tokens, result.loglik, strict=True))]
+    out = []
+    for j, (d, n, ll) in enumerate(zip(docs, result.n_tokens, result.loglik, strict=True)):
+        text = scored_text(d)
+        out.append(record_line(d.index, d.id, int(n), float(ll), None if text is None else len(text.encode()),
+                               bool(result.is_greedy[j]) if result.conditional[j] else None,
+                               None if lps is None else lps[j], d.keep and dict(zip(keep_fields, d.keep))))
+    return out
+
+
+def text_stats(docs, result) -> dict:
+    """What the corpus's per-byte and per-word numbers add up, over the records that have text."""
+    stats = {"text_loglik": 0.0, "bytes": 0, "words": 0}
+    for d, ll in zip(docs, result.loglik, strict=True):
+        text = scored_text(d)
+        if text is not None:
+            stats["text_loglik"] += float(ll)
+            stats["bytes"] += len(text.encode())
+            stats["words"] += count_words(text)
+    return stats
+
+
+def corpus_numbers(stats: dict) -> dict:
+    """Corpus perplexity per token, and over the text records bits per byte, byte and word perplexity
+    (lm-eval's definitions: the summed log-likelihood over the summed bytes or words)."""
+    tokens, loglik = stats.get("tokens", 0), stats.get("loglik", 0.0)
+    n_bytes, words, text_ll = stats.get("bytes", 0), stats.get("words", 0), stats.get("text_loglik", 0.0)
+    return {"corpus_ppl": math.exp(-loglik / tokens) if tokens else None, "bytes": n_bytes,
+            "bits_per_byte": -text_ll / n_bytes / math.log(2) if n_bytes else None,
+            "byte_perplexity": math.exp(-text_ll / n_bytes) if n_bytes else None,
+            "word_perplexity": math.exp(-text_ll / words) if words else None}
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -39,4 +84,5 @@ def part_path(out: str, index: int, count: int) -> str:
     return f"{out}.part-{index:05d}-of-{count:05d}.jsonl"
 
 
-SCORE_COLUMNS = {"index": "int", "id": "id", "n_tokens": "int", "loglik": "float", "ppl": "float"}
+SCORE_COLUMNS = {"index": "int", "id": "id", "n_tokens": "int", "loglik": "float", "ppl": "float", "n_bytes": "int",
+                 "is_greedy": "bool"}

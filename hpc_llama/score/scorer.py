@@ -18,8 +18,8 @@ from ..errors import HpcLlamaError
 from ..parallel.collectives import gather_array
 from ..parallel.layout import stage_and_replica
 from ..procstats import peak_rss
-from ..tokenizer import tokenize_documents
-from .plan import Window, call_tensors, dummy_call, plan_calls, replica_rounds, rolling_windows, score_head
+from ..tokenizer import tokenize_requests
+from .plan import ContinuationTooLong, call_tensors, dummy_call, plan_calls, replica_rounds, request_rows, score_head
 
 
 @dataclass
@@ -28,6 +28,9 @@ class StepResult:
 
     loglik: np.ndarray
     n_tokens: np.ndarray
+    is_greedy: np.ndarray
+    """Every scored token the model's first choice (reported for conditional requests)."""
+    conditional: np.ndarray
     token_logprobs: list[np.ndarray] | None
     positions: int
     """Padded token positions the model computed (real + padding)."""
@@ -59,7 +62,10 @@ class Scorer:
         self.dp = info.world_size // parallel.pp
         self.stage, self.replica = stage_and_replica(info.rank, info.world_size, parallel.pp)
         self.micro_batches = cfg.micro_batches or (4 * parallel.pp if parallel.pp > 1 else 1)
-        self.bos = mcfg.bos_id if cfg.add_bos else None
+        # What a text starts from, and a conditional request's empty context: lm-eval's prefix token,
+        # the BOS, else (models without one, as Qwen) the first EOS.
+        self.prefix = mcfg.bos_id if mcfg.bos_id is not None else mcfg.eos_ids[0]
+        self.bos = self.prefix if cfg.add_bos else None
         self.dtype = resolve_dtype(parallel.dtype, info.device)
         load: dict = {}
         if parallel.pp == 1:
@@ -70,7 +76,7 @@ class Scorer:
             self.engine, self.model, self.last = None, model, True
         else:
             self.engine, plan, _ = build_pipeline(reader, info, parallel, micro_batch=1, head_fn=score_head,
-                                                  dtype=self.dtype, load_stats=load)
+                                                  dtype=self.dtype, load_stats=load, segmented=True)
             self.model, self.last = None, plan.head
         plan = stage_plans(mcfg, parallel)[self.stage]
         self.load_stats = {"rank": info.rank, "stage": self.stage, "replica": self.replica,
@@ -87,17 +93,23 @@ class Scorer:
     def _forward(self, batches):
         if self.engine is None:
             with torch.inference_mode():
-                return [score_head(self.model, self.model.trunk(b[0], b[1]), b) for b in batches]
+                return [score_head(self.model, self.model.trunk(b[0], b[1], segments=b[2]), b) for b in batches]
         from ..parallel.pipeline import eval_batches
 
         return eval_batches(self.engine, batches)
 
     def score_step(self, docs) -> StepResult | None:
         """Score a step's documents; rank 0 gets the per-document results, others None."""
-        seqs = tokenize_documents(docs, self.tokenizer, self.bos, self.comm, self.info.rank, self.info.world_size)
-        windows = [Window(d, *w) for d, s in enumerate(seqs) for w in rolling_windows(len(s), self.context, self.stride)]
-        calls = plan_calls([w.length for w in windows], self.cfg.tokens_per_batch, self.cfg.max_batch, self.micro_batches)
-        ids, ll, lps, lp_len = [], [], [], []
+        seqs, contexts = tokenize_requests(docs, self.tokenizer, self.bos, self.prefix, self.comm, self.info.rank,
+                                           self.info.world_size)
+        try:
+            rows = request_rows(seqs, contexts, self.context, self.stride, self.cfg.share_context)
+        except ContinuationTooLong as e:  # every rank reaches the same verdict on the same documents
+            raise HpcLlamaError(f"{docs[e.doc].where}: {e}") from None
+        pieces = [p for r in rows for p in r.pieces()]
+        calls = plan_calls([r.length for r in rows], self.cfg.tokens_per_batch, self.cfg.max_batch, self.micro_batches)
+        first_piece = np.cumsum([0] + [len(r.pieces()) for r in rows])
+        ids, ll, greedy, lps, lp_len = [], [], [], [], []
         positions = real = 0
         for round_ in replica_rounds(len(calls), self.dp):
             mine = round_[self.replica]
@@ -105,53 +117,60 @@ class Scorer:
                 self._forward(dummy_call(self.info.device))
                 continue
             call = calls[mine]
-            outs = self._forward(call_tensors(call, windows, seqs, self.info.device))
+            outs = self._forward(call_tensors(call, rows, seqs, self.info.device))
             if not self.last:
                 continue
             positions += call.positions
-            real += sum(windows[w].length for row in call.rows for w in row)
-            for row_ids, (loglik, token_lp) in zip(call.rows, outs):
-                loglik, token_lp = loglik.cpu().numpy(), token_lp.float().cpu().numpy()
-                for b, wid in enumerate(row_ids):
-                    w = windows[wid]
-                    ids.append(wid)
-                    ll.append(loglik[b])
-                    if self.cfg.token_logprobs:
-                        lps.append(token_lp[b, w.length - w.n_scored:w.length])
-                        lp_len.append(w.n_scored)
+            real += sum(rows[r].length for row in call.rows for r in row)
+            for row_ids, (token_lp, is_max) in zip(call.rows, outs, strict=True):
+                token_lp, is_max = token_lp.float().cpu().numpy(), is_max.cpu().numpy()
+                for b, rid in enumerate(row_ids):
+                    for pid, (_, lo, hi) in enumerate(rows[rid].pieces(), int(first_piece[rid])):
+                        ids.append(pid)
+                        ll.append(token_lp[b, lo:hi].sum(dtype=np.float64))
+                        greedy.append(is_max[b, lo:hi].all())
+                        if self.cfg.token_logprobs:
+                            lps.append(token_lp[b, lo:hi])
+                            lp_len.append(hi - lo)
         # Only the last stage of each replica has results; one gather brings them to rank 0.
         g_ids = gather_array(self.comm, np.array(ids, dtype=np.int64))
         g_ll = gather_array(self.comm, np.array(ll, dtype=np.float64))
+        g_greedy = gather_array(self.comm, np.array(greedy, dtype=np.bool_))
         g_len = gather_array(self.comm, np.array(lp_len, dtype=np.int64))
         g_lp = gather_array(self.comm, np.concatenate(lps).astype(np.float32) if lps else np.zeros(0, np.float32))
         counts = gather_array(self.comm, np.array([positions, real], dtype=np.int64))
         if g_ids is None:
             return None
-        return self._merge(docs, seqs, windows, g_ids, g_ll, g_len, g_lp, counts)
+        return self._merge(docs, seqs, contexts, pieces, g_ids, g_ll, g_greedy, g_len, g_lp, counts)
 
-    def _merge(self, docs, seqs, windows, g_ids, g_ll, g_len, g_lp, counts) -> StepResult:
+    def _merge(self, docs, seqs, contexts, pieces, g_ids, g_ll, g_greedy, g_len, g_lp, counts) -> StepResult:
         n = len(docs)
         ids = np.concatenate(g_ids)
-        if len(ids) != len(windows) or len(set(ids.tolist())) != len(windows):
-            raise HpcLlamaError(f"internal: {len(ids)} window results for {len(windows)} windows")
-        window_ll = np.empty(len(windows), np.float64)
-        window_ll[ids] = np.concatenate(g_ll)
+        if len(ids) != len(pieces) or len(set(ids.tolist())) != len(pieces):
+            raise HpcLlamaError(f"internal: {len(ids)} results for {len(pieces)} scored pieces")
+        piece_ll = np.empty(len(pieces), np.float64)
+        piece_ll[ids] = np.concatenate(g_ll)
+        piece_greedy = np.empty(len(pieces), np.bool_)
+        piece_greedy[ids] = np.concatenate(g_greedy)
         loglik = np.zeros(n, np.float64)
-        n_tokens = np.array([max(len(s) - 1, 0) for s in seqs], dtype=np.int64)
-        # Windows are summed in their own order, so a document's total never
+        is_greedy = np.ones(n, np.bool_)
+        conditional = contexts >= 0
+        n_tokens = np.array([len(s) - c if c >= 0 else max(len(s) - 1, 0) for s, c in zip(seqs, contexts)],
+                            dtype=np.int64)
+        # Pieces are summed in their own order, so a document's total never
         # depends on which replica scored which window.
-        for wid, w in enumerate(windows):
-            loglik[w.doc] += window_ll[wid]
+        for pid, (doc, _, _) in enumerate(pieces):
+            loglik[doc] += piece_ll[pid]
+            is_greedy[doc] &= piece_greedy[pid]
         token_logprobs = None
         if self.cfg.token_logprobs:
-            pieces: list = [None] * len(windows)
-            for r_ids, r_len, r_lp in zip(g_ids, g_len, g_lp):
-                for wid, part in zip(r_ids, np.split(r_lp, np.cumsum(r_len)[:-1]) if len(r_len) else []):
-                    pieces[wid] = part
+            parts: list = [None] * len(pieces)
+            for r_ids, r_len, r_lp in zip(g_ids, g_len, g_lp, strict=True):
+                for pid, part in zip(r_ids, np.split(r_lp, np.cumsum(r_len)[:-1]) if len(r_len) else [], strict=True):
+                    parts[pid] = part
             token_logprobs = [[] for _ in range(n)]
-            for wid, w in enumerate(windows):
-                token_logprobs[w.doc].append(pieces[wid])
+            for pid, (doc, _, _) in enumerate(pieces):
+                token_logprobs[doc].append(parts[pid])
             token_logprobs = [np.concatenate(p) if p else np.zeros(0, np.float32) for p in token_logprobs]
         totals = np.sum(counts, axis=0)
-        return StepResult(loglik, n_tokens, token_logprobs, int(totals[0]), int(totals[1]))
-
+        return StepResult(loglik, n_tokens, is_greedy, conditional, token_logprobs, int(totals[0]), int(totals[1]))

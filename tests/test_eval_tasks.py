@@ -125,16 +125,16 @@ def build_suite(root):
         test_split="test", training_split="train",
         doc_to_text="{{question}} (score {{score}}, {{note}}, {{flag}})", doc_to_choice="{{[a, b, c]}}",
         doc_to_target="label"))
-    # Parquet, a list column of choices, few-shot from the validation split named as fewshot_split; acc_norm
-    # aggregated by median (a bootstrapped stderr).
+    # Parquet, a list column of choices, few-shot from the validation split named as fewshot_split, the
+    # description a field, lm-eval's regex_replace filter; acc_norm aggregated by median (bootstrapped stderr).
     for split, n in (("test", 8), ("validation", 6)):
         pq.write_table(pa.Table.from_pylist(mc_rows(rnd, n, split)), f"{d}/mc_parquet_{split}.parquet")
     write_task(root, dict(
         task="mc_parquet", dataset_path="parquet", output_type="multiple_choice",
         dataset_kwargs=files({"test": "data/mc_parquet_test.parquet",
                               "validation": "data/mc_parquet_validation.parquet"}),
-        test_split="test", validation_split="validation", fewshot_split="validation",
-        doc_to_text="{{question}}", doc_to_choice="choices", doc_to_target="label",
+        test_split="test", validation_split="validation", fewshot_split="validation", description="topic",
+        doc_to_text="{{question|regex_replace('[0-9]+', '#')}}", doc_to_choice="choices", doc_to_target="label",
         metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                      {"metric": "acc_norm", "aggregation": "median"}]))
     # Rolling: whole texts, with runs of whitespace, non-ASCII, and one that looks like a list but is none.

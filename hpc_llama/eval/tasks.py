@@ -308,7 +308,7 @@ def _sandbox() -> BoundedSandbox:
     # lm_eval/utils.py renders with Environment(undefined=StrictUndefined, keep_trailing_newline=True) and a
     # regex_replace filter; the same here, bounded in time and size.
     env = BoundedSandbox(TEMPLATE_SECONDS, TEMPLATE_CHARS, undefined=StrictUndefined, keep_trailing_newline=True)
-    env.filters["regex_replace"] = env._bounded("regex_replace", _regex_replace)
+    env.filters["regex_replace"] = env._bounded("regex_replace", _regex_replace)  # under the sandbox's checks
     return env
 
 
@@ -584,11 +584,12 @@ class _TaskFile:
                 self.fail("doc_to_choice", f"doc_to_choice is for multiple_choice tasks, not {output_type}")
             doc_to_choice = None
             doc_to_target = self.get("doc_to_target", (str,), "a field name or a template", required=True)
+        sandbox = _sandbox()
         for key, value in (("doc_to_text", doc_to_text), ("doc_to_choice", doc_to_choice),
                            ("doc_to_target", doc_to_target), ("description", cfg.get("description"))):
             if isinstance(value, str):
                 try:
-                    _sandbox().compile_bounded(value)
+                    sandbox.compile_bounded(value)
                 except (TemplateError, RecursionError, MemoryError) as e:
                     self.fail(key, f"{key} is not a valid Jinja template: {_said(e)}")
         num_fewshot = self.get("num_fewshot", (int,), "a number of examples")

@@ -19,6 +19,7 @@ JOBS = {
     "convert": ("jobs.convert", "convert between HF model directories and hpc_llama HDF5 checkpoints"),
     "inspect": ("jobs.inspect", "show a checkpoint's config, sizes and stage split; --verify checks every checksum"),
     "score": ("score.job", "log-likelihood and perplexity of documents, in input order, resumable"),
+    "eval": ("eval.job", "lm-eval-style tasks (multiple choice, log-likelihood, bits per byte) on any layout, resumable"),
     "merge": ("score.merge", "join the parts of a sharded score job (a Slurm job array) into one output, in input order"),
     "generate": ("generate.job", "batched generation with a KV cache across pipeline stages, in input order, resumable"),
     "prepare": ("train.prepare", "turn a corpus into token shards with a train/val/test split"),

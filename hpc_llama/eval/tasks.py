@@ -30,7 +30,9 @@ from .metrics import DEFAULT_METRICS, METRICS, PAIR_AGGREGATIONS, PAIR_METRICS, 
 
 OUTPUT_TYPES = tuple(METRICS)
 """The output types run: the log-likelihood ones (lm-eval's generate_until is not)."""
-FORMATS = ("json", "parquet", "csv")
+# json reads JSON lines and JSON array files alike (as lm-eval's loader); jsonl is a name for the same reader
+# here (lm-eval itself knows only json).
+FORMATS = ("json", "jsonl", "parquet", "csv")
 """dataset_path values read: the names of lm-eval's (Hugging Face datasets') loaders for local files."""
 DEFAULT_FEWSHOT_SEED = 1234
 """lm-eval's default fewshot seed (simple_evaluate's fewshot_random_seed, lm_eval.defaults.DEFAULT_OTHER_SEED)."""
@@ -557,9 +559,6 @@ class _TaskFile:
             self.fail("should_decontaminate", "should_decontaminate must be false: decontamination is not supported")
         self.get("doc_to_decontamination_query", (str,), "a field name or a template")  # unused without it
         dataset_path = self.get("dataset_path", (str,), f"one of {', '.join(FORMATS)}", required=True)
-        if dataset_path == "jsonl":
-            self.fail("dataset_path", "dataset_path 'jsonl' is not a loader lm-eval knows: use json, which reads "
-                                      "JSON lines and JSON array files alike")
         if dataset_path not in FORMATS:
             self.fail("dataset_path", f"dataset_path {dataset_path!r}: only local files are read, by format "
                                       f"({', '.join(FORMATS)}), with dataset_kwargs.data_files naming them")
@@ -699,7 +698,7 @@ class _TaskFile:
 
 def read_split(task: Task, split: str) -> list[tuple[dict, str]]:
     """The split's documents with where each comes from, its files read in order."""
-    reader = {"json": _read_json, "parquet": _read_parquet, "csv": _read_csv}[task.dataset_path]
+    reader = {"json": _read_json, "jsonl": _read_json, "parquet": _read_parquet, "csv": _read_csv}[task.dataset_path]
     docs = [d for path in task.files(split) for d in reader(path)]
     if not docs:
         raise HpcLlamaError(f"{', '.join(task.files(split))}: split {split!r} of task {task.name} holds no documents")

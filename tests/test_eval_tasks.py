@@ -384,7 +384,6 @@ BAD = [
      "'train', which holds 3"),
     ("fewshot-more-than-pool-less-self", {**drop("training_split"), "fewshot_split": "test"}, {}, "build3",
      "bad.yaml", "need 4 documents in split 'test', which holds 3 (lm-eval draws one more"),
-    ("fewshot-without-split", drop("training_split"), {}, "build1", "bad.yaml", "no fewshot_split, training_split"),
     ("unknown-metric", {**BASE, "metric_list": [{"metric": "acc"}, {"metric": "perplexity"}]}, {}, "load",
      "bad.yaml:", "metric 'perplexity' is not one of multiple_choice's"),
     ("metric-option", {**BASE, "metric_list": [{"metric": "acc", "ignore_case": True}]}, {}, "load", "bad.yaml:",

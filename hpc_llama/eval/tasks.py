@@ -114,8 +114,8 @@ class Task:
     @property
     def fewshot_source(self) -> str | None:
         """The split few-shot examples come from: fewshot_split, else training_split, else validation_split
-        (ConfigurableTask.fewshot_docs, then Task.fewshot_docs). lm-eval then falls back to the test split
-        itself, with a warning; here that is an error, raised when few-shot examples are asked for."""
+        (ConfigurableTask.fewshot_docs, then Task.fewshot_docs); None when the task names none of them
+        (lm-eval then draws from the test split itself, and so does build_docs)."""
         for split in (self.fewshot_split, self.training_split, self.validation_split):
             if split is not None:
                 return split
@@ -232,11 +232,10 @@ def build_docs(task: Task, num_fewshot: int | None, seed: int = DEFAULT_FEWSHOT_
 
     pool, drop_self = [], False
     if shots:
-        source = task.fewshot_source
-        if source is None:
-            raise HpcLlamaError(f"{task.path}: {shots} few-shot examples asked for but the task has no fewshot_split, "
-                                "training_split or validation_split to draw them from (lm-eval would draw them from "
-                                "the test split it evaluates)")
+        # lm-eval falls back to the test split itself (with a warning) when no other split is named; so does
+        # this, for the same prompts. Its drop rule below then keeps the document out of its own examples
+        # only when fewshot_split is unset and test_split too: docs/eval-tasks.md says what that means.
+        source = task.fewshot_source or task.eval_split
         pool = docs if source == task.eval_split else read_split(task, source)
         # ConfigurableTask.fewshot_context hands the sampler the evaluated document to drop exactly when
         # fewshot_split equals test_split, as written: both unset counts too (then the sampler draws one more

@@ -62,7 +62,7 @@ def test_compress_template_on_two_nodes_writes_the_one_rank_bytes(slurm, scored_
 @pytest.mark.parametrize("template, needle", [("score", "MODEL: is required"), ("train", "CONFIG: is required"),
                                               ("generate", "MODEL: is required"), ("merge", "OUTPUT: is required"),
                                               ("score-scheduled", "MODEL: is required"),
-                                              ("compress", "MODEL: is required")])
+                                              ("compress", "MODEL: is required"), ("eval", "MODEL: is required")])
 def test_template_without_required_variables_fails_with_one_line(slurm, tmp_path, template, needle):
     job = slurm.sbatch("-N", "1", "-n", "1", "--output", tmp_path / "job.out", "--export=ALL",
                        os.path.join(ROOT, "slurm", f"{template}.sbatch"), env=SLURM_ENV)
@@ -268,3 +268,81 @@ def test_scheduled_scoring_scores_only_new_documents(slurm, scored_model, tmp_pa
             check=True)
     plain = {r["id"]: r["loglik"] for r in read_jsonl(tmp_path / "b.jsonl")}
     assert all(abs(plain[r["id"]] - r["loglik"]) <= 1e-4 for r in second)
+
+
+# --- eval ---------------------------------------------------------------------------------------
+
+EVAL_TASKS = os.path.join(ROOT, "configs", "tasks")
+# One thread per rank on both sides: a CPU matrix product sums in an order that depends on its thread count,
+# and a Slurm rank alone on its node would take both cores. PYTHONPATH: the job runs this tree's hpc_llama,
+# whichever checkout the hpc-llama on PATH was installed from.
+EVAL_RANK_ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+    dict.fromkeys(p for p in [ROOT, *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p))}
+EVAL_ENV = dict(SLURM_ENV, **EVAL_RANK_ENV)
+
+
+def _eval_one_rank(model, out, *flags):
+    """`hpc-llama eval` in one process, the reference every Slurm layout must equal byte for byte."""
+    run_cli("eval", "--model", model, "--tasks", EVAL_TASKS, "--output", out, "--samples", f"{out}.samples.jsonl",
+            *flags, "--quiet", env=EVAL_RANK_ENV, check=True)
+    return out
+
+
+def _submit_eval(slurm, model, tmp_path, **variables):
+    out = tmp_path / "results.json"
+    env = dict(EVAL_ENV, MODEL=model, TASKS=EVAL_TASKS, OUT=str(out), SAMPLES=f"{out}.samples.jsonl", PP="2",
+               **variables)
+    job = slurm.sbatch("-N", "2", "--ntasks-per-node=1", "--chdir", ROOT, "--output", tmp_path / "job.out",
+                       "--export=ALL", os.path.join(ROOT, "slurm", "eval.sbatch"), env=env)
+    return job, out
+
+
+def test_eval_template_on_two_nodes_writes_the_one_rank_samples(slurm, scored_model, tmp_path):
+    """Two Slurm tasks, one per node, as two pipeline stages, on the three example tasks with one few-shot
+    example: the same samples, byte for byte, as one process."""
+    d, model, _ = scored_model
+    one = _eval_one_rank(model, tmp_path / "one.json", "--limit", "6", "--num-fewshot", "1")
+    job, out = _submit_eval(slurm, model, tmp_path, LIMIT="6", NUM_FEWSHOT="1")
+    info = slurm.wait(job)
+    assert info["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()
+    assert info["NodeList"] == "n[1-2]"
+    assert open(f"{out}.samples.jsonl", "rb").read() == open(f"{one}.samples.jsonl", "rb").read()
+    a, b = json.load(open(one)), json.load(open(out))
+    assert sorted(b["results"]) == ["stdlib-bpb", "stdlib-complete", "stdlib-mc"]
+    assert a["results"] == b["results"] and b["limit"] == 6 and b["num_fewshot"] == 1
+    assert b["layout"]["ranks"] == 2 and b["layout"]["pp"] == 2
+
+
+def _wait_for_journal_steps(slurm, job, out, n, timeout=120):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"{out}.journal.json") as f:
+                if json.load(f)["state"]["steps"] >= n:
+                    return
+        except (OSError, ValueError, KeyError):
+            pass
+        state = slurm.job(job).get("JobState")
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), slurm.job(job)
+        time.sleep(0.1)
+    raise AssertionError(f"the job did not record {n} steps within {timeout} s")
+
+
+def test_eval_template_requeued_midway_resumes_to_the_same_samples(slurm, scored_model, tmp_path):
+    """`scontrol requeue` (SIGTERM to every task, as a preemption) after a few steps: the next start carries
+    on from the journal and ends with the samples of an uninterrupted run."""
+    d, model, _ = scored_model
+    # 192 requests, 2 a step: the job is still well short of its 96 steps when the requeue reaches it.
+    one = _eval_one_rank(model, tmp_path / "one.json", "--limit", "32", "--set", "score.chunk_docs=2")
+    job, out = _submit_eval(slurm, model, tmp_path, LIMIT="32", EVAL_ARGS="--set score.chunk_docs=2")
+    _wait_for_journal_steps(slurm, job, out, 3)
+    slurm.run("scontrol", "requeue", job)
+    info = slurm.wait(job, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (tmp_path / "job.out").read_text()
+    assert open(f"{out}.samples.jsonl", "rb").read() == open(f"{one}.samples.jsonl", "rb").read()
+    summary = json.load(open(out))
+    assert summary["resumed"] is True and summary["results"] == json.load(open(one))["results"]
+    assert sorted(os.listdir(tmp_path)) == ["job.out", "one.json", "one.json.samples.jsonl", "results.json",
+                                            "results.json.samples.jsonl"]  # no journal, lock or requests left

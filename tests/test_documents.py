@@ -213,3 +213,216 @@ def test_scan_refuses_text_without_a_tokenizer_and_inputs_without_documents(tmp_
     assert str(e.value) == f"no documents in {blank[0]}"
     # An empty text file is one (empty) document: it is there to be scored, and counts.
     assert scan_inputs(expand_inputs(blank), Fields(), 10, True)[0][1].documents == 1
+
+
+# --- Parquet: a row is a record, as a JSONL line is -------------------------------------------
+
+
+def parquet(path, records, row_group_size=None, **columns):
+    """A Parquet file of these records: a column per field (first seen first), null where a record lacks it.
+    `columns` gives a column as an Arrow array instead (a type the records cannot say)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = list(dict.fromkeys(k for r in records for k in r))
+    table = pa.table({**{k: [r.get(k) for r in records] for k in names}, **columns})
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    pq.write_table(table, str(path), row_group_size=row_group_size)
+    return str(path)
+
+
+def same_documents(a, b):
+    """Document sequences equal in everything but `where` (FILE:LINE against FILE row N)."""
+    strip = [(d.index, d.id, d.text, d.input_ids, d.response, d.context, d.keep) for d in a]
+    assert strip == [(d.index, d.id, d.text, d.input_ids, d.response, d.context, d.keep) for d in b]
+
+
+SCORE_RECORDS = [
+    {"id": "a", "text": "hello world", "src": "web", "n": 1, "meta": {"lang": "en", "tags": ["x", "y"]}},
+    {"id": "b", "input_ids": [1, 2, 3], "n": 2},
+    {"id": "c", "context": "Q: 2 + 2?\nA:", "continuation": " 4", "src": "qa", "meta": {"lang": "en", "tags": []}},
+    {"id": "d", "context": "Q: 2 + 2?\nA:", "continuation": " 5", "src": "qa"},
+    {"text": "no id, and unicode: naïve café — 日本語 🚀", "n": 5},
+    {"id": "f", "text": "", "input_ids": None, "src": None},  # a null is an absent field
+    {"id": "g", "input_ids": []},
+]
+
+
+@pytest.mark.parametrize("fields, records", [
+    (Fields(conditional=True, keep=("src", "n", "meta", "absent")), SCORE_RECORDS),
+    (Fields(text="body", id="name"), [{"body": "x", "name": 1}, {"body": "y"}, {"body": "z", "name": 3}]),
+    (Fields("prompt", "id", text_lines=True), [{"id": "p0", "prompt": "def main("}, {"input_ids": [5, 6]}]),
+    (Fields(text="prompt", response="answer"), [{"prompt": "Q?", "answer": "A."}, {"prompt": "Q2", "answer": ""}]),
+])
+def test_parquet_rows_give_the_documents_the_same_jsonl_lines_give(tmp_path, fields, records):
+    as_jsonl = docs_of(jsonl(tmp_path / "d.jsonl", *({k: v for k, v in r.items() if v is not None}
+                                                    for r in records)), fields, vocab_size=10)
+    path = parquet(tmp_path / "d.parquet", records)
+    as_parquet = docs_of(path, fields, vocab_size=10)
+    same_documents(as_parquet, as_jsonl)
+    assert [d.where for d in as_parquet] == [f"{path} row {i}" for i in range(1, len(records) + 1)]
+
+
+def test_parquet_files_are_read_by_suffix_among_other_inputs(tmp_path):
+    a = parquet(tmp_path / "a.parquet", [{"text": "p0"}, {"text": "p1"}])
+    b = parquet(tmp_path / "g" / "b.pq", [{"text": "q0"}])
+    c = jsonl(tmp_path / "g" / "c.jsonl", {"text": "j0"})
+    files = expand_inputs([a, str(tmp_path / "g" / "*")])
+    assert [(f.kind, f.size) for f in files] == [("parquet", os.path.getsize(a)), ("parquet", os.path.getsize(b)),
+                                                 ("jsonl", os.path.getsize(c))]
+    docs = list(read_documents(files))
+    assert [(d.index, d.text, d.where) for d in docs] == [(0, "p0", f"{a} row 1"), (1, "p1", f"{a} row 2"),
+                                                          (2, "q0", f"{b} row 1"), (3, "j0", f"{c}:1")]
+    files, with_text = scan_inputs(files, Fields(), 10, True)
+    assert [f.documents for f in files] == [2, 1, 1] and with_text == 4
+    assert files[0].xxh3 == xxhash.xxh3_64(open(a, "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("group", [1, 3, 7, 100])
+def test_parquet_start_anywhere_in_any_row_group(tmp_path, group):
+    records = [{"id": i, "text": f"row {i}"} if i % 3 else {"id": i, "input_ids": [i]} for i in range(20)]
+    files = expand_inputs([parquet(tmp_path / "d.parquet", records, row_group_size=group),
+                           jsonl(tmp_path / "e.jsonl", {"text": "last"})])
+    whole = list(read_documents(files))
+    assert [d.id for d in whole[:20]] == list(range(20)) and whole[20].text == "last"
+    for start in range(len(whole) + 1):
+        assert list(read_documents(files, start=start)) == whole[start:]
+    # Chunks cut from a boundary are the ones the whole run cuts from there.
+    cut = [[d.index for d in c] for c in chunks(read_documents(files), 4, 12)]
+    boundary = 0
+    for k, chunk in enumerate(cut):
+        assert [[d.index for d in c] for c in chunks(read_documents(files, start=boundary), 4, 12)] == cut[k:]
+        boundary += len(chunk)
+
+
+def _corrupt_row_group(path, g):
+    """Overwrite the page header of row group g's first column: decoding that group fails."""
+    import pyarrow.parquet as pq
+
+    offset = pq.ParquetFile(path).metadata.row_group(g).column(0).data_page_offset
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * 16)
+
+
+def test_parquet_rows_before_start_are_not_read(tmp_path):
+    # Rows 1-5 (the first row group) cannot even be decoded, and rows 6-7 are bad records; from row 8 on, fine.
+    records = [{"text": f"row {i}"} for i in range(5)] + [{"text": None}, {"text": None}] + \
+              [{"text": f"row {i}"} for i in range(7, 10)]
+    path = parquet(tmp_path / "d.parquet", records, row_group_size=5)
+    _corrupt_row_group(path, 0)
+    docs = docs_of(path, start=7)
+    assert [(d.index, d.text, d.where) for d in docs] == [(i, f"row {i}", f"{path} row {i + 1}") for i in (7, 8, 9)]
+    with pytest.raises(HpcLlamaError, match=r"d\.parquet row 6: no 'text' field"):
+        docs_of(path, start=5)
+    with pytest.raises(HpcLlamaError) as e:
+        docs_of(path)
+    assert str(e.value).startswith(f"{path}: row group 0 cannot be read from row 1 on (")
+
+
+def test_parquet_bad_row_is_skipped_with_on_error_and_keeps_its_number(tmp_path):
+    path = parquet(tmp_path / "d.parquet", [{"text": "zero"}, {"text": None}, {"text": "two"}, {"text": "x" * 50}])
+    errors = []
+    docs = docs_of(path, Fields(max_bytes=40), on_error=errors.append)
+    assert [(d.index, d.text) for d in docs] == [(0, "zero"), (2, "two")]
+    assert [str(e).split(": ", 1)[0] for e in errors] == [f"{path} row 2", f"{path} row 4"]
+
+
+def _hostile(tmp_path, case):
+    """(path, fields) of a hostile Parquet input."""
+    import datetime
+
+    import pyarrow as pa
+
+    p = tmp_path / "bad.parquet"
+    good = [{"text": "fine"}, {"text": "also fine"}]
+    if case == "not parquet":
+        return write(p, b'{"text": "a JSONL file named .parquet"}\n'), Fields()
+    if case == "empty file":
+        return write(p, b""), Fields()
+    if case == "truncated":
+        data = open(parquet(tmp_path / "whole.parquet", good * 50), "rb").read()
+        return write(p, data[:len(data) // 2]), Fields()
+    if case == "corrupt page":
+        _corrupt_row_group(parquet(p, good), 0)
+        return str(p), Fields()
+    if case == "no text column":
+        return parquet(p, [{"body": "x", "id": 1}]), Fields()
+    if case == "text not a string":
+        return parquet(p, [{"text": 1}, {"text": 2}]), Fields()
+    if case == "text is bytes":
+        return parquet(p, [], text=pa.array([b"bytes"], pa.binary())), Fields()
+    if case == "text not UTF-8":
+        return parquet(p, [], text=pa.array([b"ok", b"bad \xff"], pa.binary()).view(pa.string())), Fields()
+    if case == "null text":
+        return parquet(p, [{"text": "fine"}, {"text": None, "id": 1}]), Fields()
+    if case == "input_ids floats":
+        return parquet(p, [{"input_ids": [1.0, 2.0]}]), Fields()
+    if case == "input_ids strings":
+        return parquet(p, [{"input_ids": "1 2"}]), Fields()
+    if case == "input_ids bools":
+        return parquet(p, [{"input_ids": [True]}]), Fields()
+    if case == "input_ids a null":
+        return parquet(p, [{"input_ids": [1, None]}]), Fields()
+    if case == "input_ids outside the vocabulary":
+        return parquet(p, [{"input_ids": [1, 2]}, {"input_ids": [9, 10]}]), Fields()
+    if case == "text too large":
+        return parquet(p, [{"text": "x" * 100}, {"text": "é" * 51}]), Fields(max_bytes=100)
+    if case == "input_ids too large":  # digits and a separator each: 10 ids of 2 digits are 30 bytes
+        return parquet(p, [{"input_ids": [10] * 10}]), Fields(max_bytes=29)
+    if case == "row too large in all":  # the fields the job reads, together
+        return parquet(p, [{"id": "i" * 60, "text": "t" * 60, "unread": "u" * 500}]), Fields(max_bytes=100)
+    if case == "id not JSON":
+        return parquet(p, [{"text": "x", "id": datetime.datetime(2020, 1, 1)}]), Fields()
+    if case == "column twice":
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table([pa.array(["a"]), pa.array(["b"])], names=["text", "text"]), str(p))
+        return str(p), Fields()
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not parquet", ": not a readable Parquet file (Parquet magic bytes not found in footer."),
+    ("empty file", ": not a readable Parquet file (Parquet file size is 0 bytes)"),
+    ("truncated", ": not a readable Parquet file (Parquet magic bytes not found in footer."),
+    ("corrupt page", ": row group 0 cannot be read from row 1 on (Couldn't deserialize thrift"),
+    ("no text column", ": no 'text' column (and no input_ids); its columns are 'body', 'id'"),
+    ("text not a string", " row 1: field 'text' is not a string"),
+    ("text is bytes", " row 1: field 'text' is not a string"),
+    ("text not UTF-8", " row 2: field 'text' is not valid UTF-8 (byte 4)"),
+    ("null text", " row 2: no 'text' field (and no input_ids)"),
+    ("input_ids floats", " row 1: input_ids must be a list of integers"),
+    ("input_ids strings", " row 1: input_ids must be a list of integers"),
+    ("input_ids bools", " row 1: input_ids must be a list of integers"),
+    ("input_ids a null", " row 1: input_ids must be a list of integers"),
+    ("input_ids outside the vocabulary", " row 2: input_ids contains 10, outside the vocabulary (0..9)"),
+    ("text too large", " row 2: the document is 102 bytes, more than the limit of 100 (raise max_document_bytes"),
+    ("input_ids too large", " row 1: the document is 30 bytes, more than the limit of 29"),
+    ("row too large in all", " row 1: the document is 120 bytes, more than the limit of 100"),
+    ("id not JSON", ": column 'id' holds timestamp[us], which has no JSON form"),
+    ("column twice", ": column 'text' appears more than once"),
+])
+def test_a_hostile_parquet_file_is_one_line_naming_file_and_row(tmp_path, case, message):
+    path, fields = _hostile(tmp_path, case)
+    with pytest.raises(HpcLlamaError) as e:
+        scan_inputs(expand_inputs([path]), fields, 10, True)
+    assert str(e.value).startswith(path + message), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_parquet_row_group_is_streamed_not_loaded(tmp_path):
+    """A 20 MB row group is read through a bounded buffer, a batch of rows at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 20000
+    path = str(tmp_path / "big.parquet")
+    pq.write_table(pa.table({"id": range(n), "text": [f"{i:08d} " + "x" * 1015 for i in range(n)]}), path,
+                   row_group_size=n, compression="none", use_dictionary=False)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1 and os.path.getsize(path) > 20_000_000
+    base, peak, count = pa.total_allocated_bytes(), 0, 0
+    for d in docs_of(path):
+        assert d.text.startswith(f"{d.index:08d} ")
+        peak, count = max(peak, pa.total_allocated_bytes() - base), count + 1
+    assert count == n and peak < 8 << 20, peak  # without the buffer: 21 MB

@@ -3,8 +3,8 @@
     mpirun -n 4 hpc-llama generate --model llama.h5 --input prompts.jsonl --output out.jsonl --pp 2 --max-new-tokens 64
     mpirun -n 2 hpc-llama generate --model m.h5 --input prompts.txt --output out.parquet --temperature 0.8 --top-p 0.95 --seed 1
 
-Prompts: JSONL records with `prompt` (or `input_ids`) and optionally `id`, or
-text files with one prompt per line. Ranks = pp stages x dp replicas; each
+Prompts: JSONL records or Parquet rows with `prompt` (or `input_ids`) and
+optionally `id`, or text files with one prompt per line. Ranks = pp stages x dp replicas; each
 replica takes every dp-th prompt of a step. Rank 0 writes one record per
 prompt in input order (index, id, completion, tokens, n_prompt_tokens,
 n_new_tokens, finish_reason: eos, stop, length or context), atomically and
@@ -24,7 +24,7 @@ def add_arguments(p):
     from ..cli import finite_float, positive_int
 
     add_common_arguments(p, model_help="checkpoint: .h5, sharded directory, HF directory, GGUF file, or smollm2-135m",
-                         input_help="JSONL prompts, text files (a prompt per line), or globs",
+                         input_help="JSONL or Parquet prompts, text files (a prompt per line), or globs",
                          output_help="OUT.jsonl or OUT.parquet", formats=("jsonl", "parquet"),
                          sections="generate/parallel")
     p.add_argument("--max-new-tokens", type=int, help="most new tokens per prompt (default 128)")

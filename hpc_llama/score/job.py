@@ -23,11 +23,11 @@ def add_arguments(p):
     from ..cli import field_list, positive_int
 
     add_common_arguments(p, model_help="checkpoint: .h5, sharded directory, HF directory, GGUF file, or smollm2-135m",
-                         input_help="JSONL files, .txt files, directories of .txt, or globs",
+                         input_help="JSONL files, Parquet files, .txt files, directories of .txt, or globs",
                          output_help="OUT.jsonl, OUT.parquet or OUT.h5", formats=("jsonl", "parquet", "hdf5"),
                          sections="score/parallel")
-    p.add_argument("--text-field", help="JSONL field with the text (default text)")
-    p.add_argument("--id-field", help="JSONL field with the id (default id)")
+    p.add_argument("--text-field", help="JSONL field or Parquet column with the text (default text)")
+    p.add_argument("--id-field", help="JSONL field or Parquet column with the id (default id)")
     p.add_argument("--context", type=positive_int, help="most tokens per window (default: the model's context)")
     p.add_argument("--stride", type=positive_int, help="new tokens per window after the first (default: the context)")
     p.add_argument("--tokens-per-batch", type=int, help="padded tokens per micro-batch (default 8192)")
@@ -35,7 +35,7 @@ def add_arguments(p):
     p.add_argument("--token-logprobs", action="store_true", help="also write per-token log-probabilities")
     p.add_argument("--no-bos", action="store_true", help="do not put BOS before text documents")
     p.add_argument("--keep-fields", type=field_list, default=(), metavar="A,B",
-                   help="copy these fields of each input record into its output record")
+                   help="copy these fields (Parquet columns) of each input record into its output record")
     p.add_argument("--shard", metavar="I/N", help="score only the I-th of N contiguous blocks of the documents, into "
                    "OUT.part-I-of-N.jsonl; `hpc-llama merge --output OUT` joins the N parts (job arrays)")
     p.add_argument("--ledger", metavar="FILE", help="score only documents whose content is not in FILE, then add "

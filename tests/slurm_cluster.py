@@ -63,8 +63,14 @@ class SlurmCluster:
                      f"--log-file={b}/log/munged.log", "--force"])
         self._wait(lambda: os.path.exists(sock), timeout, "munged")
         ctld, d1, d2 = _free_ports(3)
+        # Job ids must not repeat between clusters: MPICH names its shared-memory segment after the PMI
+        # key-value space of the step (job id and step), and a segment left in /dev/shm by a rank killed
+        # in an earlier run (the requeue tests kill ranks) makes MPI_Init of a new step with the same name
+        # fail ("Out of memory" in MPIDI_POSIX_comm_bootstrap).
+        first_job = 1000 + (int(time.time() * 10) + os.getpid()) % 60_000_000
         with open(self.conf, "w") as f:
             f.write(f"""ClusterName=hpcllama
+FirstJobId={first_job}
 SlurmctldHost=localhost(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root

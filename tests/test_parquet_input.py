@@ -68,25 +68,6 @@ def test_generate_reads_prompts_from_parquet(text_model, tmp_path):
     assert [json.loads(line)["id"] for line in open(tmp_path / "p.jsonl")] == ["p0", "p1", "p2", None]
 
 
-@pytest.mark.slow  # three two-rank runs: 32-40 s here with the two cores shared, about 40 CPU-seconds
-def test_killed_score_over_parquet_resumes_to_the_bytes_of_jsonl(text_model, tmp_path):
-    rng = np.random.default_rng(2)
-    docs = [{"id": f"r{i}", "input_ids": rng.integers(0, 320, int(n)).tolist()}
-            for i, n in enumerate(rng.integers(5, 80, size=600))]
-    jl, pq = both(tmp_path, docs, row_group_size=47)  # steps of 20 documents cut across row groups
-    common = ["--model", text_model, "--pp", "2", "--context", "32", "--set", "score.chunk_docs=20", "--quiet"]
-    run_job(2, "score", *common, "--input", jl, "--output", tmp_path / "whole.jsonl")
-    out = tmp_path / "resumed.jsonl"
-    cmd = [MPIRUN, "-n", "2", HPC, "score", *map(str, common), "--input", pq, "--output", str(out)]
-    kill_midway(cmd, str(out) + ".journal.json", "kill-one")
-    assert not out.exists() and os.path.exists(str(out) + ".partial")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT,
-                       env=dict(os.environ, DS_ACCELERATOR="cpu"))
-    assert p.returncode == 0, p.stderr
-    assert out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
-    assert json.load(open(str(out) + ".summary.json"))["resumed"]
-
-
 @pytest.mark.parametrize("content, needle", [
     (b'{"text": "JSON lines, named .parquet"}\n', "in.parquet: not a readable Parquet file (Parquet magic bytes"),
     (None, "in.parquet row 3: no 'text' field (and no input_ids)"),

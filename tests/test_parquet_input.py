@@ -3,13 +3,12 @@ write the same bytes; a killed score over Parquet resumes to them; a file that i
 
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
 
 from helpers.files import write_jsonl
-from helpers.run import HPC, MPIRUN, ROOT, kill_midway, one_line_error, run_job
+from helpers.run import one_line_error, run_job
 
 
 def write_parquet(path, records, row_group_size):

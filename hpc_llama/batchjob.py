@@ -74,6 +74,7 @@ class BatchJob:
         # Rank 0 alone writes: it takes the output (a second job on it is refused at once) and sweeps away
         # what a killed job on it left behind.
         self.lock = OutputLock(self.out).acquire() if self.info.rank == 0 else None
+        self.side_locks: list = []
         if self.lock is not None:
             sweep(self.out)
         self.reader = open_checkpoint(args.model)
@@ -149,6 +150,15 @@ class BatchJob:
         self.reader.close()
         if self.lock is not None:
             self.lock.release()
+        for lock in self.side_locks:
+            lock.release()
+
+    def hold(self, path: str) -> None:
+        """Rank 0: take a second output of this job (eval's --samples) as OUT is taken, until the job ends."""
+        from .atomic import OutputLock, sweep
+
+        self.side_locks.append(OutputLock(path).acquire())
+        sweep(path)
 
     def commit(self, lines: list[str], stats: dict, tokens: int) -> None:
         """Rank 0: one step's records, durable before they count as done."""

@@ -133,6 +133,8 @@ def test_killed_and_rerun_gives_the_same_samples(text_model, task_dir, tmp_path,
     run_job(2, *args(whole))
     kill_midway([MPIRUN, "-n", "2", HPC, *map(str, args(out))], f"{out}.journal.json", how)
     assert not os.path.exists(out) and not os.path.exists(f"{out}.samples.jsonl")
+    # As if the kill had come after --samples was written and before OUT: the rerun replaces it.
+    open(f"{out}.samples.jsonl", "w").write("from the killed attempt\n")
     run_job(2, *args(out))
     assert open(f"{out}.samples.jsonl", "rb").read() == open(f"{whole}.samples.jsonl", "rb").read()
     assert json.load(open(out))["resumed"] is True
@@ -179,6 +181,12 @@ def test_bad_task_under_mpirun_stops_every_rank(text_model, tmp_path):
     p = evaluate(2, text_model, yaml, tmp_path / "r.json", check=False)
     one_line_error(p, "t.yaml", "fewshot_config", rank=0)
     assert not os.path.exists(tmp_path / "r.json")
+
+
+def test_a_model_without_a_tokenizer_is_one_line_and_leaves_nothing(hf_dirs, task_dir, tmp_path):
+    p = evaluate(1, hf_dirs["llama3"], task_dir, tmp_path / "r.json", check=False)
+    one_line_error(p, "tokenizer")
+    assert os.listdir(tmp_path) == []
 
 
 def test_samples_may_not_be_the_output_or_an_input(text_model, task_dir, tmp_path):

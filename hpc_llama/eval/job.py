@@ -54,6 +54,9 @@ def run(args) -> int:
 
     job = BatchJob(args, "score", {}, LAYOUT_FREE, fmt="jsonl")
     cfg, reader, info = job.cfg, job.reader, job.info
+    if job.tokenizer is None:
+        job.close()
+        raise HpcLlamaError(f"{args.model}: eval needs the checkpoint's tokenizer (tokenizer.json), and it has none")
     plan = _plan(job) if info.rank == 0 else None
     requests = job.bcast(plan and plan.requests_path)
     job.files = [InputFile(requests, "jsonl", 0)]
@@ -63,12 +66,20 @@ def run(args) -> int:
         files, _ = scan_inputs(files, fields, reader.config.vocab_size, job.tokenizer is not None)
         return files, files[0].documents
 
-    total = job.validate(scan, {"score": cfg.__dict__, "dtype": job.parallel.dtype, "tasks": plan and plan.fingerprint})
-    with job.running(total, "request"):
-        scorer = Scorer(reader, job.tokenizer, info, job.comm, job.parallel, cfg)
-        score_documents(job, scorer, fields, total)
-        if info.rank == 0:
-            _finish(job, plan, scorer)
+    try:
+        total = job.validate(scan, {"score": cfg.__dict__, "dtype": job.parallel.dtype,
+                                    "tasks": plan and plan.fingerprint})
+        with job.running(total, "request"):
+            scorer = Scorer(reader, job.tokenizer, info, job.comm, job.parallel, cfg)
+            score_documents(job, scorer, fields, total)
+            if info.rank == 0:
+                _finish(job, plan, scorer)
+    except BaseException:
+        # Refused or failed before anything was scored: the requests go too (a rerun writes them again).
+        if plan is not None and (job.journal is None or job.journal.documents_done == 0):
+            if os.path.lexists(plan.requests_path):
+                os.remove(plan.requests_path)
+        raise
     return 0
 
 
@@ -93,7 +104,10 @@ def _plan(job) -> Plan:
     if args.samples:
         if os.path.abspath(args.samples) == os.path.abspath(job.out):
             raise HpcLlamaError("--samples and --output name the same file")
-        check_destination(args.samples, args.overwrite)
+        job.hold(args.samples)
+        # A job killed after writing --samples but before OUT left its journal: its rerun replaces them.
+        resuming = os.path.exists(os.path.abspath(job.out) + ".journal.json")
+        check_destination(args.samples, args.overwrite or resuming)
         check_not_an_input(args.samples, inputs + [job.reader.path])
     check_not_an_input(job.out, inputs)
     docs = [build_docs(t, args.num_fewshot, args.seed, args.limit) for t in tasks]

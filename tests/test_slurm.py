@@ -311,38 +311,3 @@ def test_eval_template_on_two_nodes_writes_the_one_rank_samples(slurm, scored_mo
     assert sorted(b["results"]) == ["stdlib-bpb", "stdlib-complete", "stdlib-mc"]
     assert a["results"] == b["results"] and b["limit"] == 6 and b["num_fewshot"] == 1
     assert b["layout"]["ranks"] == 2 and b["layout"]["pp"] == 2
-
-
-def _wait_for_journal_steps(slurm, job, out, n, timeout=120):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"{out}.journal.json") as f:
-                if json.load(f)["state"]["steps"] >= n:
-                    return
-        except (OSError, ValueError, KeyError):
-            pass
-        state = slurm.job(job).get("JobState")
-        assert state in ("PENDING", "CONFIGURING", "RUNNING"), slurm.job(job)
-        time.sleep(0.1)
-    raise AssertionError(f"the job did not record {n} steps within {timeout} s")
-
-
-def test_eval_template_requeued_midway_resumes_to_the_same_samples(slurm, scored_model, tmp_path):
-    """`scontrol requeue` (SIGTERM to every task, as a preemption) after a few steps: the next start carries
-    on from the journal and ends with the samples of an uninterrupted run."""
-    d, model, _ = scored_model
-    # 192 requests, 2 a step: the job is still well short of its 96 steps when the requeue reaches it.
-    one = _eval_one_rank(model, tmp_path / "one.json", "--limit", "32", "--set", "score.chunk_docs=2")
-    job, out = _submit_eval(slurm, model, tmp_path, LIMIT="32", EVAL_ARGS="--set score.chunk_docs=2")
-    _wait_for_journal_steps(slurm, job, out, 3)
-    slurm.run("scontrol", "requeue", job)
-    info = slurm.wait(job, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (tmp_path / "job.out").read_text()
-    assert open(f"{out}.samples.jsonl", "rb").read() == open(f"{one}.samples.jsonl", "rb").read()
-    summary = json.load(open(out))
-    assert summary["resumed"] is True and summary["results"] == json.load(open(one))["results"]
-    assert sorted(os.listdir(tmp_path)) == ["job.out", "one.json", "one.json.samples.jsonl", "results.json",
-                                            "results.json.samples.jsonl"]  # no journal, lock or requests left

@@ -99,7 +99,7 @@ def score_documents(job, scorer, fields, total: int, first: int = 0, keep_fields
     from itertools import islice
 
     from ..documents import chunks, read_documents
-    from .records import step_lines, text_stats
+    from .records import step_records
 
     cfg = job.cfg
     docs = islice(read_documents(job.files, fields, job.reader.config.vocab_size, first + job.start), total - job.start)
@@ -107,7 +107,8 @@ def score_documents(job, scorer, fields, total: int, first: int = 0, keep_fields
         result = scorer.score_step(step)
         if job.info.rank == 0:
             totals = result.totals()
-            job.commit(step_lines(step, result, keep_fields), dict(totals, **text_stats(step, result)), totals["tokens"])
+            lines, stats = step_records(step, result, keep_fields)
+            job.commit(lines, dict(totals, **stats), totals["tokens"])
 
 
 def _rounded(x):

@@ -22,39 +22,28 @@ def record_line(index: int, doc_id, n_tokens: int, loglik: float, n_bytes: int |
     return json.dumps(rec, ensure_ascii=False) + "\n"
 
 
-def scored_text(doc) -> str | None:
-    """The text whose log-likelihood a record holds: the continuation of a conditional request, a text
-    document's text; None for token ids."""
-    return doc.text
-
-
 def count_words(text: str) -> int:
     # lm-evaluation-harness's word count for word perplexity: pieces between runs of whitespace.
     return len(re.split(r"\s+", text))
 
 
-def step_lines(docs, result, keep_fields=()) -> list[str]:
-    """One step's records as JSON lines, in input order (`result`: the scorer's StepResult on rank 0)."""
+def step_records(docs, result, keep_fields=()) -> tuple[list[str], dict]:
+    """One step's records as JSON lines, in input order (`result`: the scorer's StepResult on rank 0), and what
+    the corpus's per-byte and per-word numbers add up over those with text (a text document's text, a
+    conditional request's continuation; token ids have none)."""
     lps = result.token_logprobs
-    out = []
+    lines, stats = [], {"text_loglik": 0.0, "bytes": 0, "words": 0}
     for j, (d, n, ll) in enumerate(zip(docs, result.n_tokens, result.loglik, strict=True)):
-        text = scored_text(d)
-        out.append(record_line(d.index, d.id, int(n), float(ll), None if text is None else len(text.encode()),
-                               bool(result.is_greedy[j]) if result.conditional[j] else None,
-                               None if lps is None else lps[j], d.keep and dict(zip(keep_fields, d.keep))))
-    return out
-
-
-def text_stats(docs, result) -> dict:
-    """What the corpus's per-byte and per-word numbers add up, over the records that have text."""
-    stats = {"text_loglik": 0.0, "bytes": 0, "words": 0}
-    for d, ll in zip(docs, result.loglik, strict=True):
-        text = scored_text(d)
-        if text is not None:
+        n_bytes = None
+        if d.text is not None:
+            n_bytes = len(d.text.encode())
             stats["text_loglik"] += float(ll)
-            stats["bytes"] += len(text.encode())
-            stats["words"] += count_words(text)
-    return stats
+            stats["bytes"] += n_bytes
+            stats["words"] += count_words(d.text)
+        lines.append(record_line(d.index, d.id, int(n), float(ll), n_bytes,
+                                 bool(result.is_greedy[j]) if result.conditional[j] else None,
+                                 None if lps is None else lps[j], d.keep and dict(zip(keep_fields, d.keep))))
+    return lines, stats
 
 
 def corpus_numbers(stats: dict) -> dict:

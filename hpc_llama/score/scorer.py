@@ -106,9 +106,10 @@ class Scorer:
             rows = request_rows(seqs, contexts, self.context, self.stride, self.cfg.share_context)
         except ContinuationTooLong as e:  # every rank reaches the same verdict on the same documents
             raise HpcLlamaError(f"{docs[e.doc].where}: {e}") from None
-        pieces = [p for r in rows for p in r.pieces()]
+        row_pieces = [r.pieces() for r in rows]
+        pieces = [p for ps in row_pieces for p in ps]
         calls = plan_calls([r.length for r in rows], self.cfg.tokens_per_batch, self.cfg.max_batch, self.micro_batches)
-        first_piece = np.cumsum([0] + [len(r.pieces()) for r in rows])
+        first_piece = np.cumsum([0] + [len(ps) for ps in row_pieces])
         ids, ll, greedy, lps, lp_len = [], [], [], [], []
         positions = real = 0
         for round_ in replica_rounds(len(calls), self.dp):
@@ -125,7 +126,7 @@ class Scorer:
             for row_ids, (token_lp, is_max) in zip(call.rows, outs, strict=True):
                 token_lp, is_max = token_lp.float().cpu().numpy(), is_max.cpu().numpy()
                 for b, rid in enumerate(row_ids):
-                    for pid, (_, lo, hi) in enumerate(rows[rid].pieces(), int(first_piece[rid])):
+                    for pid, (_, lo, hi) in enumerate(row_pieces[rid], int(first_piece[rid])):
                         ids.append(pid)
                         ll.append(token_lp[b, lo:hi].sum(dtype=np.float64))
                         greedy.append(is_max[b, lo:hi].all())

@@ -30,9 +30,9 @@ def hf_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hf_models(hf_dirs):
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    return {n: LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for n, d in hf_dirs.items()}
+    return {n: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for n, d in hf_dirs.items()}
 
 
 @pytest.fixture(scope="session")

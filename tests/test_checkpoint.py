@@ -19,7 +19,7 @@ from hpc_llama.errors import HpcLlamaError
 from hpc_llama.parallel.layout import layer_partition
 from hpc_llama.procstats import bytes_read
 
-from helpers.models import make_hf_model
+from helpers.models import FAMILIES, make_hf_model
 from helpers.run import one_line_error, run_cli
 
 
@@ -42,20 +42,44 @@ def hf_with_tokenizer(hf_dirs, tokenizer_json, tmp_path):
     return str(d)
 
 
-@pytest.mark.parametrize("name", ["llama2", "llama3", "tied", "bias"])
+@pytest.mark.parametrize("name", ["llama2", "llama3", "tied", "bias", *FAMILIES])
 def test_hf_to_h5_to_hf_is_bit_exact(name, hf_dirs, tmp_path):
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     cli(["convert", hf_dirs[name], str(tmp_path / "m.h5")])
     cli(["convert", str(tmp_path / "m.h5"), str(tmp_path / "back"), "--format", "hf"])
     with open_checkpoint(hf_dirs[name]) as a, open_checkpoint(str(tmp_path / "back")) as b:
         assert_bit_identical(state(a), state(b))
         assert a.hf_config == b.hf_config
-    # transformers itself loads the export, with the very same tensors.
-    ref = LlamaForCausalLM.from_pretrained(hf_dirs[name], dtype=torch.float32).state_dict()
-    got = LlamaForCausalLM.from_pretrained(str(tmp_path / "back"), dtype=torch.float32).state_dict()
+    # transformers itself loads the export as its own family's class, with the very same tensors.
+    ref = AutoModelForCausalLM.from_pretrained(hf_dirs[name], dtype=torch.float32)
+    got = AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"), dtype=torch.float32)
+    assert type(got) is type(ref) and type(got).__name__ == json.load(open(tmp_path / "back" / "config.json"))[
+        "architectures"][0]
+    ref, got = ref.state_dict(), got.state_dict()
     assert ref.keys() == got.keys()
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_config_written_by_us_names_the_family(name, hf_dirs, tmp_path):
+    # An export from our own ModelConfig (as a GGUF or a new model gets) states every option under the
+    # family's keys: transformers builds the same model from it.
+    from transformers import AutoModelForCausalLM
+
+    from hpc_llama.checkpoint.hf import hf_config_from_model, model_config_from_hf
+
+    with open_checkpoint(hf_dirs[name]) as r:
+        ours = hf_config_from_model(r.config)
+        assert model_config_from_hf(ours) == r.config
+        (tmp_path / "m").mkdir()
+        json.dump(ours, open(tmp_path / "m" / "config.json", "w"))
+        shutil.copy(os.path.join(hf_dirs[name], "model.safetensors"), tmp_path / "m")
+    ref = AutoModelForCausalLM.from_pretrained(hf_dirs[name], dtype=torch.float32)
+    got = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    x = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ref(x).logits, got(x).logits)
 
 
 def test_tokenizer_travels_inside_the_checkpoint(hf_with_tokenizer, tokenizer_json, tmp_path):
@@ -194,7 +218,7 @@ def outputs_in(d):
     ("truncate", "truncated"),
     ("missing", "tensor layers.3.ffn_norm.weight is missing"),
     ("shape", "has shape"),
-    ("model_type", "model_type 'mistral' is not supported"),
+    ("model_type", "model_type 'mixtral' is not supported (llama, mistral, qwen2, qwen3)"),
 ])
 def test_damaged_checkpoints_fail_cleanly(h5_path, tmp_path, damage, needle):
     if damage == "flip":
@@ -212,7 +236,7 @@ def test_damaged_checkpoints_fail_cleanly(h5_path, tmp_path, damage, needle):
             if damage == "shape":
                 cfg["intermediate_size"] += 8
             else:
-                cfg["model_type"] = "mistral"
+                cfg["model_type"] = "mixtral"
             f.attrs["config"] = json.dumps(cfg)
     before = outputs_in(tmp_path)
     for args in (["inspect", h5_path, "--verify"], ["convert", h5_path, str(tmp_path / "out"), "--format", "hf"]):

@@ -49,9 +49,9 @@ def model(tokenizer_json, tmp_path_factory):
 
 def hf_greedy(model_dir, prompts, max_new):
     from tokenizers import Tokenizer
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    m = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
     out = []
     for p in prompts:

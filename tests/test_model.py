@@ -8,7 +8,7 @@ from hpc_llama.checkpoint.slices import load_slice
 from hpc_llama.model.llama import ModelConfig, Transformer, init_weights
 from hpc_llama.parallel.layout import layer_partition
 
-from helpers.models import HF_CONFIGS
+from helpers.models import FAMILIES, HF_CONFIGS
 
 TOL = 1e-4  # fp32 max-abs against the reference
 
@@ -66,10 +66,10 @@ def test_padded_batch_equals_each_document_alone(hf_dirs):
             assert (left_out[i, T - len(d):] - alone).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["llama2", "llama3", "tied"])
-def test_kv_cache_decoding_equals_full_forward(name, hf_dirs):
+@pytest.mark.parametrize("name", ["llama2", "llama3", "tied", *FAMILIES])
+def test_kv_cache_decoding_equals_full_forward(name, hf_dirs, hf_models):
     model = load_slice(open_checkpoint(hf_dirs[name]))
-    B, P, N = 3, 9, 12  # prompt length, decode steps
+    B, P, N = 3, 9, 12  # prompt length, decode steps (past the sliding windows of 12 and 16)
     x = tokens(320, B, P + N, seed=1)
     with torch.no_grad():
         full = model(x)
@@ -77,8 +77,38 @@ def test_kv_cache_decoding_equals_full_forward(name, hf_dirs):
         steps = [model(x[:, :P], positions=torch.arange(P).expand(B, P), cache=cache)]
         for t in range(P, P + N):
             steps.append(model(x[:, t:t + 1], positions=torch.full((B, 1), t), cache=cache))
+        want = hf_models[name](x).logits
     got = torch.cat(steps, dim=1)
     assert (got - full).abs().max() <= 1e-5
+    assert (got - want).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_padded_batch_matches_transformers(name, hf_dirs, hf_models):
+    # Rows of different lengths, right-padded: our causal rule against HF's attention mask.
+    model, ref = load_slice(open_checkpoint(hf_dirs[name])), hf_models[name]
+    lengths = [40, 7, 25]
+    batch = tokens(320, len(lengths), max(lengths), seed=5)
+    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        got = model(batch * mask)
+        want = ref(batch * mask, attention_mask=mask.long()).logits
+    for i, n in enumerate(lengths):
+        assert (got[i, :n] - want[i, :n]).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3"])
+def test_family_options_are_exercised(name, hf_dirs):
+    # The parity tests above only mean something for an option that changes the logits.
+    reader = open_checkpoint(hf_dirs[name])
+    cfg, state = reader.config, load_slice(reader).state_dict()
+    option = {"mistral": {"sliding_window": None}, "qwen2": {"sliding_window": None, "sliding_layers": None},
+              "qwen3": {"qk_norm": False}}[name]
+    plain = Transformer(ModelConfig(**{**cfg.__dict__, **option}))
+    plain.load_state_dict(state, strict=False)
+    x = tokens(320, 1, 40, seed=2)
+    with torch.no_grad():
+        assert (plain(x) - load_slice(reader)(x)).abs().max() > 1e-3
 
 
 def test_kv_cache_rows_of_different_lengths_decode_together(hf_dirs):
@@ -107,7 +137,7 @@ def test_kv_cache_rows_of_different_lengths_decode_together(hf_dirs):
 
 
 @pytest.mark.parametrize("pp", [2, 4])
-@pytest.mark.parametrize("name", ["llama3", "tied"])
+@pytest.mark.parametrize("name", ["llama3", "tied", "qwen2", "qwen3"])
 def test_chained_slices_equal_whole_model(name, pp, hf_dirs):
     reader = open_checkpoint(hf_dirs[name])
     whole = load_slice(reader)

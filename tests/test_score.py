@@ -42,9 +42,9 @@ def mixed_docs(tmp_path_factory):
 def reference_scores(model_dir, docs_path, context, stride):
     """The same definition computed with plain transformers and the tokenizers library."""
     from tokenizers import Tokenizer
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
     bos = model.config.bos_token_id
     out = []

@@ -10,8 +10,8 @@ here, the one place that knows about them:
   rotary embedding can rotate adjacent pairs; our rotary layout (HF's) rotates
   the two halves of each head. `unpermute` puts the rows back.
 - The tokenizer is a list of tokens, merges and token types inside the file;
-  `tokenizer_json` rebuilds the `tokenizer.json` that `tokenizers` reads, and
-  the chat template goes into `tokenizer_config.json`.
+  `gguf_tokenizer.tokenizer_json` rebuilds the `tokenizer.json` that `tokenizers`
+  reads, and the chat template goes into `tokenizer_config.json`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from ..errors import HpcLlamaError
 from ..model.llama import InvalidModelConfig, ModelConfig
 from .base import TableReader, shown
+from .gguf_tokenizer import CONTROL, tokenizer_json
 from .hf import config_error, hf_config_from_model
 from .tensors import TensorInfo, numpy_view
 
@@ -45,12 +46,7 @@ QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5
 # End-of-turn tokens by name. GGUF files of chat models often name only one EOS
 # (SmolLM2-Instruct's is <|im_start|>); llama.cpp also stops at these, and so do we.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "<end_of_turn>", "</s>")
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types
 
-# Pre-tokenizers by tokenizer.ggml.pre, as llama.cpp defines them.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS = ("default", "gpt2", "smollm", "llama-bpe")
 
 
 # Our ModelConfig fields -> the metadata keys they come from, so an error names the key in the file.
@@ -266,7 +262,7 @@ class GGUFCheckpoint(TableReader):
         tok = self.tokenizer
         ids = [tok[k] for k in ("eos_token_id", "eot_token_id") if tok.get(k) is not None]
         tokens, types = tok.get("tokens") or [], tok.get("token_type") or []
-        ids += [i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == _CONTROL and t in _END_OF_TURN]
+        ids += [i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == CONTROL and t in _END_OF_TURN]
         return tuple(dict.fromkeys(ids))
 
     def read_into(self, name: str, out: torch.Tensor, verify: bool = True) -> None:
@@ -362,37 +358,3 @@ def _tokenizer_fields(reader, path: str = "") -> dict:
             raise HpcLlamaError(f"{path}: GGUF metadata {name} is not a {kind.__name__}"
                                 f"{' of the right items' if kind is list else ''}")
     return out
-
-
-def tokenizer_json(tok: dict, path: str = "") -> str:
-    """The tokenizer.json of a GGUF's byte-level BPE tokenizer (llama.cpp's 'gpt2' model)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    kind, pre = tok.get("model"), tok.get("pre") or "default"
-    if kind != "gpt2":
-        raise HpcLlamaError(f"{path}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
-                            f"convert the HF original instead")
-    if pre not in PRE_TOKENIZERS:
-        raise HpcLlamaError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported ({', '.join(PRE_TOKENIZERS)})")
-    tokens = tok["tokens"]
-    types = tok.get("token_type") or [1] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in tok.get("merges") or []]
-    if any(len(m) != 2 for m in merges):
-        raise HpcLlamaError(f"{path}: GGUF tokenizer.ggml.merges has an entry that is not two tokens")
-    try:
-        bpe = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    except Exception as e:  # the tokenizers library raises its own exception types
-        raise HpcLlamaError(f"{path}: GGUF tokenizer cannot be built: {shown(str(e), 200)}") from None
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre != "llama-bpe")
-    if pre == "smollm":
-        bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    elif pre == "llama-bpe":
-        bpe.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False), byte_level])
-    else:
-        bpe.pre_tokenizer = byte_level
-    bpe.decoder = decoders.ByteLevel()
-    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, k in zip(tokens, types) if k == _CONTROL])
-    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
-    return bpe.to_str()

@@ -31,6 +31,8 @@ _LAYER_PARTS = {
     "feed_forward.w3": "mlp.up_proj",
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attention.q_norm": "self_attn.q_norm",
+    "attention.k_norm": "self_attn.k_norm",
 }
 _TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 _HF_LAYER_PARTS = {v: k for k, v in _LAYER_PARTS.items()}
@@ -64,14 +66,14 @@ def from_hf_name(name: str) -> str | None:
     base, _, kind = name.rpartition(".")
     if base in _HF_TOP:
         return f"{_HF_TOP[base]}.{kind}"
-    raise HpcLlamaError(f"unexpected tensor {shown(name)} in a Llama checkpoint")
+    raise HpcLlamaError(f"unexpected tensor {shown(name)} in the checkpoint")
 
 
 # Our ModelConfig fields -> the config.json keys they come from, so an error names the key in the file.
 _HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
             "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
             "max_seq_len": "max_position_embeddings", "bos_id": "bos_token_id", "eos_ids": "eos_token_id",
-            "layer_shapes": "hpc_llama.layer_shapes", "lowrank": "hpc_llama.lowrank"}
+            "layer_shapes": "hpc_llama.layer_shapes", "lowrank": "hpc_llama.lowrank", "sliding_layers": "layer_types"}
 
 
 def config_error(source: str, e: InvalidModelConfig, keys: dict) -> HpcLlamaError:
@@ -79,6 +81,63 @@ def config_error(source: str, e: InvalidModelConfig, keys: dict) -> HpcLlamaErro
     head, _, rest = e.field.partition(".")
     key = keys.get(head, head) + (f".{rest}" if rest else "")
     return HpcLlamaError(f"{source}: {key} {e.problem}")
+
+
+# Each family: the class an export names, and the HF defaults for keys its config.json may leave out
+# (HF's own config classes fill them in; reading them otherwise would build a different model).
+FAMILIES = {
+    "llama": {"architecture": "LlamaForCausalLM", "max_position_embeddings": 2048},
+    "mistral": {"architecture": "MistralForCausalLM", "max_position_embeddings": 4096 * 32, "sliding_window": 4096},
+    "qwen2": {"architecture": "Qwen2ForCausalLM", "max_position_embeddings": 32768, "sliding_window": 4096,
+              "max_window_layers": 28},
+    "qwen3": {"architecture": "Qwen3ForCausalLM", "max_position_embeddings": 32768, "sliding_window": 4096,
+              "max_window_layers": 28, "head_dim": 128},
+}
+
+# Options of neighbouring architectures that these families' configs may carry: each changes what
+# the model computes, so one that is set is refused by name rather than ignored.
+_UNSUPPORTED = {"num_experts": "mixture of experts", "num_local_experts": "mixture of experts",
+                "n_routed_experts": "mixture of experts", "attn_logit_softcapping": "attention softcapping",
+                "final_logit_softcapping": "logit softcapping", "attention_chunk_size": "chunked attention",
+                "no_rope_layers": "layers without rotary embeddings"}
+
+
+def _refuse_unsupported(hf: dict, source: str) -> None:
+    for key, what in _UNSUPPORTED.items():
+        if hf.get(key) not in (None, 0, False, []):
+            raise HpcLlamaError(f"{source}: {key} {shown(hf[key])}: {what} is not supported")
+    factor = hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get("partial_rotary_factor"))
+    if factor not in (None, 1, 1.0):
+        raise HpcLlamaError(f"{source}: partial_rotary_factor {shown(factor)}: rotary embeddings over part of "
+                            f"each head are not supported")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise HpcLlamaError(f"{source}: hidden_act {shown(act)} is not supported (only 'silu')")
+
+
+def _sliding(hf: dict, kind: str, n_layers, source: str) -> tuple[int | None, tuple[int, ...] | None]:
+    """(window, sliding layers or None for all), as HF's config class of the family derives them."""
+    family = FAMILIES[kind]
+    if kind == "llama":
+        return None, None
+    window = hf.get("sliding_window", family["sliding_window"])
+    if kind in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return None, None
+    types = hf.get("layer_types")
+    if kind == "mistral":  # HF's Mistral slides on every layer, whatever layer_types says
+        return window, None
+    if types is None:
+        first = hf.get("max_window_layers", family["max_window_layers"])
+        if not isinstance(first, int) or isinstance(first, bool) or not isinstance(n_layers, int):
+            raise HpcLlamaError(f"{source}: max_window_layers must be an integer, got {shown(first)}")
+        return window, tuple(range(max(first, 0), n_layers))
+    if (not isinstance(types, list) or len(types) != n_layers
+            or not all(t in ("full_attention", "sliding_attention") for t in types)):
+        raise HpcLlamaError(f"{source}: layer_types {shown(types)} is not one of full_attention or "
+                            f"sliding_attention per layer (only these are supported)")
+    return window, tuple(i for i, t in enumerate(types) if t == "sliding_attention")
 
 
 def model_config_from_hf(hf: dict, source: str = "model config") -> ModelConfig:
@@ -89,11 +148,10 @@ def model_config_from_hf(hf: dict, source: str = "model config") -> ModelConfig:
     if not isinstance(hf, dict):
         raise HpcLlamaError(f"{source}: the model config is not a JSON object")
     kind = hf.get("model_type")
-    if kind != "llama":
-        raise HpcLlamaError(f"{source}: model_type {shown(kind)} is not supported (only 'llama')")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise HpcLlamaError(f"{source}: hidden_act {shown(act)} is not supported (only 'silu')")
+    if kind not in FAMILIES:
+        raise HpcLlamaError(f"{source}: model_type {shown(kind)} is not supported ({', '.join(FAMILIES)})")
+    family = FAMILIES[kind]
+    _refuse_unsupported(hf, source)
     rope = hf.get("rope_parameters") or {}
     ours = hf.get("hpc_llama") or {}
     scaling = hf.get("rope_scaling")
@@ -104,22 +162,27 @@ def model_config_from_hf(hf: dict, source: str = "model config") -> ModelConfig:
     keys = dict(_HF_KEYS, rope_theta="rope_theta" if "rope_theta" in hf else "rope_parameters.rope_theta",
                 rope_scaling="rope_scaling" if scaling is not None else "rope_parameters")
     if scaling is None and rope.get("rope_type", "default") != "default":
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = None
     eos = hf.get("eos_token_id", 2)
+    # Biases: Llama and Qwen3 name them in the config; Qwen2 always has them on q/k/v; Mistral never.
+    bias = kind in ("llama", "qwen3") and bool(hf.get("attention_bias", False))
     # Shapes that structured pruning and factorisation change (docs/checkpoint.md, format 2).
     try:
+        window, sliding_layers = _sliding(hf, kind, hf.get("num_hidden_layers"), source)
         return ModelConfig(
             vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
             n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
-            head_dim=hf.get("head_dim"), ffn_dim=hf["intermediate_size"],
+            head_dim=hf.get("head_dim", family.get("head_dim")), ffn_dim=hf["intermediate_size"],
             norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-            max_seq_len=hf.get("max_position_embeddings", 2048),
+            max_seq_len=hf.get("max_position_embeddings", family["max_position_embeddings"]),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
+            attention_bias=bias, mlp_bias=kind == "llama" and bool(hf.get("mlp_bias", False)),
             bos_id=hf.get("bos_token_id"), eos_ids=() if eos is None else eos,
-            layer_shapes=ours.get("layer_shapes") or None, lowrank=ours.get("lowrank") or None)
+            layer_shapes=ours.get("layer_shapes") or None, lowrank=ours.get("lowrank") or None,
+            model_type=kind, qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3",
+            sliding_window=window, sliding_layers=sliding_layers)
     except KeyError as e:
         raise HpcLlamaError(f"{source}: the model config lacks the field {e.args[0]!r}") from None
     except InvalidModelConfig as e:
@@ -128,20 +191,53 @@ def model_config_from_hf(hf: dict, source: str = "model config") -> ModelConfig:
         raise HpcLlamaError(f"{source}: invalid model config: {e}") from None
 
 
+def _expressible(cfg: ModelConfig) -> None:
+    """Refuse a config its family's HF class cannot state (it would load as a different model)."""
+    kind = cfg.model_type
+    problems = []
+    if cfg.qk_norm != (kind == "qwen3"):
+        problems.append("per-head q/k norms" if cfg.qk_norm else "no per-head q/k norms")
+    if cfg.qkv_bias and kind != "qwen2" or kind == "qwen2" and not cfg.qkv_bias:
+        problems.append("q/k/v biases alone" if cfg.qkv_bias else "no q/k/v biases")
+    if cfg.attention_bias and kind not in ("llama", "qwen3"):
+        problems.append("attention biases")
+    if cfg.mlp_bias and kind != "llama":
+        problems.append("feed-forward biases")
+    if cfg.sliding_window is not None and kind == "llama":
+        problems.append("a sliding window")
+    if cfg.sliding_layers is not None and kind == "mistral":
+        problems.append("a sliding window on some layers only")
+    if problems:
+        raise HpcLlamaError(f"a {kind} model cannot have {' or '.join(problems)} in an HF config")
+
+
 def hf_config_from_model(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """An HF config.json dict for a model we made ourselves (top-level rope fields, read by 4.x and 5.x)."""
+    """An HF config.json dict for a model we made ourselves (top-level rope fields, read by 4.x and 5.x),
+    under its own family's model_type and architecture."""
+    _expressible(cfg)
+    kind = cfg.model_type
     hf = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [FAMILIES[kind]["architecture"]], "model_type": kind,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": cfg.attention_bias,
-        "mlp_bias": cfg.mlp_bias, "bos_token_id": cfg.bos_id,
+        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_id,
         "eos_token_id": cfg.eos_ids[0] if len(cfg.eos_ids) == 1 else list(cfg.eos_ids),
         "torch_dtype": dtype,
     }
+    if kind == "llama":
+        hf.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+    elif kind == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    else:
+        if kind == "qwen3":
+            hf["attention_bias"] = cfg.attention_bias
+        slides = [cfg.slides(i) for i in range(cfg.n_layers)]
+        hf.update(use_sliding_window=any(slides), sliding_window=cfg.sliding_window if any(slides) else None,
+                  max_window_layers=slides.index(True) if any(slides) else cfg.n_layers,
+                  layer_types=["sliding_attention" if s else "full_attention" for s in slides])
     if cfg.layer_shapes or cfg.lowrank:
         hf["hpc_llama"] = {"layer_shapes": {str(k): v for k, v in sorted((cfg.layer_shapes or {}).items())},
                            "lowrank": dict(sorted((cfg.lowrank or {}).items()))}

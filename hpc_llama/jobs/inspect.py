@@ -84,6 +84,26 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
 
 
+def family_options(c: dict) -> list[str]:
+    """The architecture options a config turns on, in words (the ones families differ by)."""
+    out = []
+    if c["attention_bias"]:
+        out.append("attention biases")
+    elif c["qkv_bias"]:
+        out.append("q/k/v biases")
+    if c["mlp_bias"]:
+        out.append("feed-forward biases")
+    if c["qk_norm"]:
+        out.append("per-head q/k norms")
+    if c["sliding_window"] is not None:
+        layers = c["sliding_layers"]
+        from ..compress.methods import format_layers
+
+        where = "every layer" if layers is None else f"layers {format_layers(layers)}" if layers else "no layer"
+        out.append(f"sliding window {c['sliding_window']} on {where}")
+    return out
+
+
 def print_table(s: dict) -> None:
     c = s["config"]
     rope = f"theta {c['rope_theta']:g}"
@@ -93,6 +113,9 @@ def print_table(s: dict) -> None:
     print(f"model        {s['model_type']}: {c['n_layers']} layers, dim {c['dim']}, {c['n_heads']} heads "
           f"({c['n_kv_heads']} kv, head_dim {c['head_dim']}), ffn {c['ffn_dim']}, vocab {c['vocab_size']}, "
           f"rope {rope}, context {c['max_seq_len']}, tied {'yes' if c['tie_embeddings'] else 'no'}")
+    options = family_options(c)
+    if options:
+        print(f"options      {', '.join(options)}")
     print(f"parameters   {s['parameters']:,} ({s['parameters'] / 1e6:,.1f}M)")
     print(f"tensors      {s['tensors']}, {_mb(s['bytes'])}; " + ", ".join(f"{k} x{v}" for k, v in s["dtypes"].items()))
     if set(s["schemes"]) != {"none"}:

@@ -1,4 +1,9 @@
-"""The Llama model in plain torch: Llama 2 and Llama 3 families.
+"""The Llama model in plain torch: Llama 2 and 3, Mistral, Qwen2/2.5 and Qwen3.
+
+The families are one decoder with options for where they differ (`ModelConfig`):
+biases on q/k/v only (Qwen2), a per-head RMSNorm on queries and keys (Qwen3), a
+sliding attention window (Mistral, and Qwen2/3 where a config turns it on),
+llama3 rope scaling and tied embeddings (Llama 3.1/3.2).
 
 Nothing here knows about MPI, DeepSpeed, HDF5 or devices; parallelism wraps the
 model from outside. A pipeline stage is the same `Transformer` with parts
@@ -12,6 +17,7 @@ Packed rows add segments: segment 0 is a prefix every token of the row may
 see, and a token of segment s > 0 sees that prefix and its own segment only,
 so several continuations scored after one copy of their shared context never
 see each other (their positions restart where the context ends).
+A sliding window of w adds query_pos - key_pos < w on the layers that slide.
 Without a cache the key positions are the input positions, so right-padded
 batches need no mask at all; with a cache a key's slot *is* its position, so
 rows of different lengths decode together without left padding.
@@ -26,6 +32,9 @@ from numbers import Integral, Real
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+"""The families this model computes (HF model_type names)."""
 
 MAX_DIM = (1 << 31) - 1
 """Largest size any dimension may claim: token ids and sizes travel as int32 in places."""
@@ -106,6 +115,16 @@ class ModelConfig:
     """{layer: {"n_heads": H, "ffn_dim": F}} for layers whose shape structured pruning changed."""
     lowrank: dict | None = None
     """{"layers.3.attention.wq": rank}: projections stored as two factors (low-rank factorisation)."""
+    model_type: str = "llama"
+    """The family (HF model_type) the model comes from and is exported as: llama, mistral, qwen2, qwen3."""
+    qkv_bias: bool = False
+    """Biases on the q/k/v projections only, not on the output one (Qwen2)."""
+    qk_norm: bool = False
+    """RMSNorm over each head of the queries and keys before rotary (Qwen3)."""
+    sliding_window: int | None = None
+    """A query sees only the keys fewer than this many positions before it (Mistral); None: all."""
+    sliding_layers: tuple[int, ...] | None = None
+    """The layers the window applies to; None means every layer (Qwen2/3 slide only their top layers)."""
 
     def __post_init__(self):
         # Every field is checked here, so a config from a file (config.json, GGUF metadata, YAML) that
@@ -139,6 +158,19 @@ class ModelConfig:
         object.__setattr__(self, "eos_ids", tuple(_check_token("eos_ids", i, self.vocab_size) for i in self.eos_ids))
         if self.layer_shapes:
             self._check_layer_shapes()
+        if self.model_type not in MODEL_TYPES:
+            raise InvalidModelConfig("model_type", f"{_shown(self.model_type)} is not supported "
+                                     f"({', '.join(MODEL_TYPES)})")
+        if self.sliding_window is not None:
+            _check_dim("sliding_window", self.sliding_window)
+            object.__setattr__(self, "sliding_window", int(self.sliding_window))
+        if self.sliding_layers is not None:
+            if not isinstance(self.sliding_layers, (list, tuple)) or not all(
+                    isinstance(i, Integral) and not isinstance(i, bool) and 0 <= i < self.n_layers
+                    for i in self.sliding_layers):
+                raise InvalidModelConfig("sliding_layers", f"must be layer numbers below {self.n_layers}, "
+                                         f"got {_shown(self.sliding_layers)}")
+            object.__setattr__(self, "sliding_layers", tuple(sorted({int(i) for i in self.sliding_layers})))
         if self.lowrank is not None and not isinstance(self.lowrank, dict):
             raise InvalidModelConfig("lowrank", f"must be a mapping, got {_shown(self.lowrank)}")
         for path, rank in (self.lowrank or {}).items():
@@ -190,12 +222,17 @@ class ModelConfig:
         shape = (self.layer_shapes or {}).get(i, {})
         return shape.get("n_heads", self.n_heads), shape.get("ffn_dim", self.ffn_dim)
 
+    def slides(self, i: int) -> bool:
+        """Whether layer i attends through the sliding window."""
+        return self.sliding_window is not None and (self.sliding_layers is None or i in self.sliding_layers)
+
     def projections(self, i: int) -> dict[str, tuple[int, int, bool]]:
         """Layer i's linear projections: name -> (in features, out features, bias)."""
         h, f = self.layer_shape(i)
         q, kv, d = h * self.head_dim, self.n_kv_heads * self.head_dim, self.dim
         ab, mb = self.attention_bias, self.mlp_bias
-        return {"attention.wq": (d, q, ab), "attention.wk": (d, kv, ab), "attention.wv": (d, kv, ab),
+        qkv = ab or self.qkv_bias
+        return {"attention.wq": (d, q, qkv), "attention.wk": (d, kv, qkv), "attention.wv": (d, kv, qkv),
                 "attention.wo": (q, d, ab), "feed_forward.w1": (d, f, mb), "feed_forward.w2": (f, d, mb),
                 "feed_forward.w3": (d, f, mb)}
 
@@ -214,7 +251,7 @@ def layer_param_counts(cfg: ModelConfig) -> list[int]:
     lowrank = cfg.lowrank or {}
     counts = []
     for i in range(cfg.n_layers):
-        n = 2 * cfg.dim  # the two norms
+        n = 2 * cfg.dim + (2 * cfg.head_dim if cfg.qk_norm else 0)  # the norms
         for name, (n_in, n_out, bias) in cfg.projections(i).items():
             rank = lowrank.get(f"layers.{i}.{name}")
             n += (rank * (n_in + n_out) if rank else n_in * n_out) + (n_out if bias else 0)
@@ -367,12 +404,16 @@ class Attention(nn.Module):
         for name, shape in cfg.projections(layer).items():
             if name.startswith("attention."):
                 setattr(self, name[10:], projection(cfg, f"layers.{layer}.{name}", *shape, device=device))
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, device) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, device) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, mask, positions, cache: KVCache | None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(positions, k, v)  # (B, S, kv, hd)
@@ -468,11 +509,16 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=h.device).expand(B, T)
         if segments is not None and not bool(segments.any()):
             segments = None  # no packed row in this batch
-        mask = attention_mask(positions, key_mask, cache is not None, _is_plain(positions, key_mask, cache, segments),
-                              segments)
-        cos, sin = rotary_tables(self.cfg, positions, h.dtype)
+        cached = cache is not None
+        mask = attention_mask(positions, key_mask, cached, _is_plain(positions, key_mask, cache, segments), segments)
+        window, cfg = mask, self.cfg
+        # No distance reaches the window below it (the first position is 0): the full mask serves.
+        if any(cfg.slides(i) for i in self.layer_ids) and int(positions.max()) >= cfg.sliding_window:
+            window = attention_mask(positions, key_mask, cached, False, segments, cfg.sliding_window)
+        cos, sin = rotary_tables(cfg, positions, h.dtype)
         for key, layer in self.layers.items():
-            h = layer(h, cos, sin, mask, positions, None if cache is None else cache[key])
+            layer_mask = window if cfg.slides(int(key)) else mask
+            h = layer(h, cos, sin, layer_mask, positions, None if cache is None else cache[key])
         return h
 
     def head(self, h):
@@ -494,8 +540,11 @@ def _is_plain(positions, key_mask, cache, segments=None) -> bool:
     return bool((positions == torch.arange(T, device=positions.device)).all())
 
 
-def attention_mask(positions, key_mask, cached: bool, plain: bool, segments=None):
-    """Boolean (B, 1, T, S) mask, True where attention is allowed; None for plain causal."""
+def attention_mask(positions, key_mask, cached: bool, plain: bool, segments=None, window: int | None = None):
+    """Boolean (B, 1, T, S) mask, True where attention is allowed; None for plain causal.
+
+    `window`: a query also sees only keys fewer than this many positions before it.
+    """
     if plain:
         return None
     if cached:
@@ -504,6 +553,8 @@ def attention_mask(positions, key_mask, cached: bool, plain: bool, segments=None
     else:
         key_pos = positions
     allowed = key_pos[:, None, :] <= positions[:, :, None]  # (B, T, S)
+    if window is not None:
+        allowed = allowed & (positions[:, :, None] - key_pos[:, None, :] < window)
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, :]
     if segments is not None:

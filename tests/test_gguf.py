@@ -1,6 +1,7 @@
 """GGUF import: a Llama written the way llama.cpp writes it, read back against transformers' own GGUF loader."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -24,23 +25,53 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 _NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.down_proj": "ffn_down",
-          "mlp.up_proj": "ffn_up", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+          "mlp.up_proj": "ffn_up", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
-def write_gguf(path, model, tokenizer_json, qtype="F32", arch="llama", pre="default", tensor_type=None):
-    """Write an HF LlamaForCausalLM as a GGUF file: metadata, tokenizer, tensors (2-D ones in `qtype`)."""
+def llama3_rope_factors(r: dict, d: int, theta: float) -> np.ndarray:
+    """llama.cpp's rope_freqs for an HF llama3 rope scaling, as its HF-to-GGUF converter computes them."""
+    freqs = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    old, low, high, factor = (r["original_max_position_embeddings"], r["low_freq_factor"], r["high_freq_factor"],
+                              r["factor"])
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def write_gguf(path, model, tokenizer_json, qtype="F32", arch=None, pre="default", tensor_type=None):
+    """Write an HF model (Llama, Qwen2 or Qwen3 class) as llama.cpp writes a GGUF file: metadata, tokenizer,
+    tensors (2-D ones in `qtype`); Q/K rows permuted for the llama architecture only; a llama3 rope
+    scaling as rope_freqs."""
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), arch)
+    family = cfg.model_type if cfg.model_type in ("qwen2", "qwen3") else "llama"
+    w = gguf.GGUFWriter(str(path), arch or family)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(CONFIG["rope_theta"])
+    rope = getattr(cfg, "rope_parameters", None) or {}  # transformers 5 keeps theta and scaling here
+    theta = rope.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0
+    w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_vocab_size(cfg.vocab_size)
+    if rope.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim, theta))
     tok = json.loads(open(tokenizer_json).read())
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     special = {t["content"] for t in tok["added_tokens"] if t["special"]}
@@ -59,14 +90,16 @@ def write_gguf(path, model, tokenizer_json, qtype="F32", arch="llama", pre="defa
             out = "token_embd.weight"
         elif name == "model.norm.weight":
             out = "output_norm.weight"
+        elif name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # llama.cpp writes no output.weight for a tied model
         elif name == "lm_head.weight":
             out = "output.weight"
         else:
-            layer, part = name.split(".")[2], ".".join(name.split(".")[3:-1])
-            out = f"blk.{layer}.{_NAMES[part]}.weight"
-            if part == "self_attn.q_proj":
+            layer, part, kind = name.split(".")[2], ".".join(name.split(".")[3:-1]), name.split(".")[-1]
+            out = f"blk.{layer}.{_NAMES[part]}.{kind}"
+            if part == "self_attn.q_proj" and family == "llama":
                 a = _permute(a, cfg.num_attention_heads)
-            elif part == "self_attn.k_proj":
+            elif part == "self_attn.k_proj" and family == "llama":
                 a = _permute(a, cfg.num_key_value_heads)
         kind = q if a.ndim == 2 else gguf.GGMLQuantizationType.F32
         if tensor_type and out == tensor_type[0]:
@@ -126,6 +159,41 @@ def test_converted_logits_equal_transformers_gguf_loader(hf_model, tokenizer_jso
             assert (hf_model(ids).logits - got).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("name, qtype", [("qwen2", "F32"), ("qwen3", "F32"), ("llama32", "F32"), ("qwen2", "Q8_0"),
+                                         ("qwen3", "Q8_0")])
+def test_family_gguf_equals_the_original_and_transformers_gguf_loader(name, qtype, tokenizer_json, tmp_path):
+    # Qwen2 (no Q/K permutation, q/k/v biases, tied), Qwen3 (q/k norms, head_dim apart) and Llama 3.2
+    # (llama3 rope scaling as rope_freqs, tied) as llama.cpp writes them.
+    from transformers import AutoModelForCausalLM
+
+    from hpc_llama.checkpoint import open_checkpoint
+    from hpc_llama.checkpoint.slices import load_slice
+
+    from helpers.models import make_hf_model
+
+    # GGUF has no sliding window (llama.cpp and transformers' GGUF loader attend to every key): the
+    # original is a Qwen2 without one.
+    # transformers' GGUF loader takes Qwen3's head_dim from its config class's default (128), not from
+    # attention.key_length as llama.cpp does: the Qwen3 here has heads of 128, as every released Qwen3.
+    overrides = {"qwen2": {"use_sliding_window": False}, "qwen3": {"head_dim": 128}}.get(name, {})
+    original = make_hf_model(name, **overrides)
+    path = write_gguf(tmp_path / "m.gguf", original, tokenizer_json, qtype)
+    ids = torch.randint(3, 320, (2, 70), generator=torch.Generator().manual_seed(1))
+    with open_checkpoint(path) as r, torch.no_grad():
+        assert r.config.model_type == original.config.model_type
+        assert r.hf_config["architectures"] == [type(original).__name__]
+        got = load_slice(r)(ids)
+        want = original(ids).logits
+        if name == "llama32":  # transformers' GGUF loader does not read rope_freqs: the original is the reference
+            assert r.config.rope_scaling["original_max_position_embeddings"] == 32
+            assert r.config.rope_scaling["factor"] == 32
+            assert (got - want).abs().max().item() <= 1e-4
+            return
+        ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+        assert (got - ref(ids).logits).abs().max().item() <= 1e-4
+        assert ((got - want).abs().max().item() <= 1e-4) == (qtype == "F32")
+
+
 def test_tokenizer_and_chat_template_come_along(hf_model, tokenizer_json, tmp_path):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
@@ -164,7 +232,7 @@ def test_gguf_is_read_in_place_by_every_job(hf_model, tokenizer_json, tmp_path):
 
 
 @pytest.mark.parametrize("kind, needle", [
-    ({"arch": "qwen2"}, "GGUF architecture 'qwen2' is not supported (only 'llama')"),
+    ({"arch": "gemma2"}, "GGUF architecture 'gemma2' is not supported (llama, qwen2, qwen3)"),
     ({"tensor_type": ("blk.0.ffn_up.weight", "IQ2_XXS")}, "tensor blk.0.ffn_up.weight has quantization type IQ2_XXS"),
     ({"pre": "deepseek-coder"}, "GGUF pre-tokenizer 'deepseek-coder' is not supported"),
 ])
@@ -207,3 +275,35 @@ def test_generate_with_the_chat_template(hf_model, tokenizer_json, tmp_path):
         ids = ref.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         assert rec["n_prompt_tokens"] == len(ids) and ids[0] == 1 and ids[-1] == 2
+
+
+@pytest.mark.parametrize("head_dim, theta, old, factor, low, high, recovered", [
+    (128, 500000.0, 8192, 8.0, 1.0, 4.0, (8192, 1.0, 4.0)),  # Llama 3.1 8B/70B/405B: six factors in the band
+    (64, 500000.0, 8192, 32.0, 1.0, 4.0, (8192, 1.0, 4.0)),  # Llama 3.2 1B: three
+    (16, 10000.0, 32, 8.0, 1.0, 4.0, (32, 1.0, 4.0)),  # one factor in the band
+    (16, 500000.0, 32, 32.0, 1.0, 4.0, (32, 1.0, 4.0)),  # none: any band between the two kinds
+    (128, 500000.0, 8192, 8.0, 2.0, 6.0, None),  # another band, found as an equivalent one
+])
+def test_llama3_scaling_is_recovered_from_rope_freqs(head_dim, theta, old, factor, low, high, recovered):
+    from hpc_llama.checkpoint.gguf import llama3_scaling
+    from hpc_llama.model.llama import ModelConfig, rope_frequencies
+
+    hf = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+          "original_max_position_embeddings": old}
+    cfg = ModelConfig(vocab_size=8, dim=4 * head_dim, n_layers=1, n_heads=4, ffn_dim=8, rope_theta=theta)
+    got = llama3_scaling(cfg, llama3_rope_factors(hf, head_dim, theta).astype(np.float64))
+    if recovered:
+        assert (got["original_max_position_embeddings"], got["low_freq_factor"], got["high_freq_factor"]) == recovered
+    assert got["factor"] == factor
+    want = rope_frequencies(ModelConfig(**{**cfg.__dict__, "rope_scaling": hf}))
+    assert torch.allclose(rope_frequencies(ModelConfig(**{**cfg.__dict__, "rope_scaling": got})), want, rtol=1e-6)
+
+
+def test_rope_freqs_of_no_llama3_scaling_are_refused():
+    from hpc_llama.checkpoint.gguf import llama3_scaling
+    from hpc_llama.model.llama import ModelConfig
+
+    cfg = ModelConfig(vocab_size=8, dim=256, n_layers=1, n_heads=4, ffn_dim=8, rope_theta=10000.0)
+    factors = np.linspace(1, 8, 32)[::-1].copy()  # scales the short wavelengths most: not llama3's shape
+    with pytest.raises(ValueError, match="match no llama3 rope scaling"):
+        llama3_scaling(cfg, factors)

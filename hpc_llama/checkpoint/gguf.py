@@ -1,14 +1,19 @@
-"""llama.cpp's GGUF, read for Llama-architecture models.
+"""llama.cpp's GGUF, read for the llama, qwen2 and qwen3 architectures.
 
 A GGUF file is one more checkpoint format: every job can read it, and each
 rank dequantizes only the tensors of its own layers. Quantized tensors
 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants) become float32; F32, F16 and
-BF16 keep their dtype. Two things differ from an HF checkpoint and are undone
+BF16 keep their dtype. Three things differ from an HF checkpoint and are undone
 here, the one place that knows about them:
 
-- llama.cpp stores the rows of the Q and K projections permuted, so that its
-  rotary embedding can rotate adjacent pairs; our rotary layout (HF's) rotates
-  the two halves of each head. `unpermute` puts the rows back.
+- For the llama architecture (Llama, Mistral, SmolLM2, TinyLlama...) llama.cpp
+  stores the rows of the Q and K projections permuted, so that its rotary
+  embedding can rotate adjacent pairs; our rotary layout (HF's) rotates the two
+  halves of each head. `unpermute` puts the rows back. Qwen files keep HF's order.
+- Llama 3.1/3.2's rope scaling is a tensor of per-frequency factors
+  (`rope_freqs`) rather than metadata; `llama3_scaling` finds the llama3
+  parameters that give exactly those factors, so the model is an ordinary
+  llama3-scaled one (and exports as such).
 - The tokenizer is a list of tokens, merges and token types inside the file;
   `gguf_tokenizer.tokenizer_json` rebuilds the `tokenizer.json` that `tokenizers`
   reads, and the chat template goes into `tokenizer_config.json`.
@@ -35,8 +40,11 @@ from .tensors import TensorInfo, numpy_view
 _LAYER_PARTS = {
     "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
     "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
-    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm", "attn_q_norm": "attention.q_norm",
+    "attn_k_norm": "attention.k_norm",
 }
+# general.architecture -> our model_type.
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _TOP = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 
 # Kept as stored; anything else listed here is dequantized to float32.
@@ -49,13 +57,14 @@ _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", 
 
 
 
-# Our ModelConfig fields -> the metadata keys they come from, so an error names the key in the file.
-_GGUF_KEYS = {"vocab_size": "llama.vocab_size", "dim": "llama.embedding_length", "n_layers": "llama.block_count",
-              "n_heads": "llama.attention.head_count", "n_kv_heads": "llama.attention.head_count_kv",
-              "head_dim": "llama.attention.key_length", "ffn_dim": "llama.feed_forward_length",
-              "norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
-              "rope_scaling": "llama.rope.scaling", "max_seq_len": "llama.context_length",
-              "bos_id": "tokenizer.ggml.bos_token_id", "eos_ids": "tokenizer.ggml.eos_token_id"}
+# Our ModelConfig fields -> the metadata keys they come from (under the architecture's prefix), so an
+# error names the key in the file.
+_GGUF_KEYS = {"vocab_size": "vocab_size", "dim": "embedding_length", "n_layers": "block_count",
+              "n_heads": "attention.head_count", "n_kv_heads": "attention.head_count_kv",
+              "head_dim": "attention.key_length", "ffn_dim": "feed_forward_length",
+              "norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta": "rope.freq_base",
+              "rope_scaling": "rope.scaling", "max_seq_len": "context_length"}
+_TOKEN_KEYS = {"bos_id": "tokenizer.ggml.bos_token_id", "eos_ids": "tokenizer.ggml.eos_token_id"}
 
 # Limits on what the gguf package would build Python objects for (a few hundred bytes each) while it
 # parses the header: far above real models (Llama 3.1 405B has 1138 tensors; Gemma 3's tokenizer has
@@ -180,8 +189,56 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def llama3_scaling(cfg: ModelConfig, factors: np.ndarray) -> dict | None:
+    """The llama3 rope_scaling whose frequencies are exactly inv_freq / factors (llama.cpp's rope_freqs).
+
+    llama.cpp computes the factors from HF's llama3 parameters and keeps only them: 1 for short
+    wavelengths, `factor` for long ones, and 1 / ((1 - s) / factor + s) between, where
+    s = (old / wavelength - low) / (high - low). Two of the in-between factors give
+    old / (high - low) and low / (high - low); with low = 1 (every Llama 3.x) that is all three.
+    The result is checked: the frequencies it gives equal the file's to fp32 precision.
+    """
+    from ..model.llama import rope_frequencies
+
+    base = rope_frequencies(ModelConfig(**{**cfg.__dict__, "rope_scaling": None})).double().numpy()
+    if not np.all(np.isfinite(factors)) or not np.all(factors > 0):
+        raise ValueError("the factors must be positive and finite")
+    if np.allclose(factors, 1.0, rtol=0, atol=1e-6):
+        return None
+    factor = float(factors.max())
+    wavelength = 2 * np.pi / base
+    # s per in-between frequency, linear in 1 / wavelength: s = a / wavelength - b.
+    middle = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    s = (1 / factors[middle] - 1 / factor) / (1 - 1 / factor)
+    low, high = 1.0, 4.0  # Llama 3.x's own band, for what the factors leave open
+    if middle.sum() >= 2:
+        a, minus_b = np.polyfit(1 / wavelength[middle], s, 1)
+        b = -minus_b
+        old = round(a / b) if b > 0 else 8192  # low = 1 when the band's start allows it
+        low, high = float(f"{b * old / a:.6g}"), float(f"{(b + 1) * old / a:.6g}")
+    elif middle.sum() == 1:
+        old = float(wavelength[middle][0] * (s[0] * (high - low) + low))
+    else:
+        # No frequency inside the band: any band between the last unscaled wavelength and the first
+        # scaled one gives these factors (unscaled below old / high, scaled above old / low).
+        above = 4 * float(wavelength[factors <= 1 + 1e-6].max(initial=0.0))
+        below = float(wavelength[factors >= factor * (1 - 1e-6)].min())
+        old = 8192 if above < 8192 < below else np.ceil(below) - 1 if above < np.ceil(below) - 1 else (above + below) / 2
+    old = int(round(old)) if abs(old - round(old)) <= 1e-5 * old else float(old)  # fp32 factors: 31.9999993
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
+               "high_freq_factor": high, "original_max_position_embeddings": old}
+    try:
+        got = rope_frequencies(ModelConfig(**{**cfg.__dict__, "rope_scaling": scaling})).double().numpy()
+    except InvalidModelConfig:  # the fit gave no valid band
+        got = None
+    if got is None or not np.allclose(got, base / factors, rtol=1e-5, atol=0):
+        raise ValueError("the factors match no llama3 rope scaling (only llama3's per-frequency factors are "
+                         "supported)")
+    return scaling
+
+
 class GGUFCheckpoint(TableReader):
-    """A GGUF file of a Llama-architecture model, read tensor by tensor."""
+    """A GGUF file of a llama, qwen2 or qwen3 architecture model, read tensor by tensor."""
 
     def __init__(self, path: str):
         try:
@@ -196,16 +253,18 @@ class GGUFCheckpoint(TableReader):
             raise HpcLlamaError(f"{path}: not a readable GGUF file ({shown(str(e), 200)})") from None
         self.meta = {k: _value(f) for k, f in self._r.fields.items() if not k.startswith("tokenizer.ggml.")}
         arch = self.meta.get("general.architecture")
-        if arch != "llama":
-            raise HpcLlamaError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-        self._tensors, infos = {}, {}
+        if arch not in ARCHITECTURES:
+            raise HpcLlamaError(f"{path}: GGUF architecture {shown(arch)} is not supported "
+                                f"({', '.join(ARCHITECTURES)})")
+        self.arch = arch
+        self._tensors, infos, rope_freqs = {}, {}, None
         for t in self._r.tensors:
             name = our_name(t.name)
+            if name is None and t.name == "rope_freqs.weight" and arch == "llama":
+                rope_freqs = t
+                continue
             if name is None:
-                if t.name == "rope_freqs.weight":
-                    raise HpcLlamaError(f"{path}: per-frequency rope factors (rope_freqs, Llama 3.1 style) "
-                                        f"are not supported")
-                raise HpcLlamaError(f"{path}: unexpected tensor {t.name!r} in a Llama GGUF")
+                raise HpcLlamaError(f"{path}: unexpected tensor {shown(t.name)} in a GGUF of architecture {arch}")
             kind = t.tensor_type.name
             if kind not in _PLAIN and kind not in QUANTIZED:
                 raise HpcLlamaError(f"{path}: tensor {t.name} has quantization type {kind}, which is not "
@@ -216,47 +275,74 @@ class GGUFCheckpoint(TableReader):
             nbytes = int(np.prod(shape, dtype=object)) * (2 if dtype in ("float16", "bfloat16") else 4)
             self._tensors[name] = t
             infos[name] = TensorInfo(name, shape, dtype, nbytes, path, int(t.data_offset),
-                                           attrs={"gguf_type": kind})
+                                     attrs={"gguf_type": kind})
         self._set_table(infos)
         self.tokenizer = _tokenizer_fields(self._r, path)
-        self.config = self._model_config()
-        self.hf_config = hf_config_from_model(self.config)
+        self.config = self._model_config(rope_freqs)
+        try:
+            self.hf_config = hf_config_from_model(self.config)
+        except HpcLlamaError as e:
+            raise HpcLlamaError(f"{path}: {e}") from None
 
-    def _model_config(self) -> ModelConfig:
-        m = self.meta
+    def _key(self, key: str) -> str:
+        return f"{self.arch}.{key}"
 
-        def need(key):
-            if f"llama.{key}" not in m:
-                raise HpcLlamaError(f"{self.path}: GGUF metadata lacks llama.{key}")
-            return m[f"llama.{key}"]
+    def _model_config(self, rope_freqs) -> ModelConfig:
+        m, key = self.meta, self._key
+
+        def need(k):
+            if key(k) not in m:
+                raise HpcLlamaError(f"{self.path}: GGUF metadata lacks {key(k)}")
+            return m[key(k)]
 
         scaling = None
-        kind = m.get("llama.rope.scaling.type")
+        kind = m.get(key("rope.scaling.type"))
         if kind == "linear":
-            scaling = {"rope_type": "linear", "factor": m.get("llama.rope.scaling.factor")}
+            scaling = {"rope_type": "linear", "factor": m.get(key("rope.scaling.factor"))}
         elif kind not in (None, "none"):
             raise HpcLlamaError(f"{self.path}: rope scaling {shown(kind)} is not supported (none or linear)")
-        vocab = m.get("llama.vocab_size")
+        vocab = m.get(key("vocab_size"))
         if vocab is None and "tok_embeddings.weight" in self._infos:
             vocab = self._infos["tok_embeddings.weight"].shape[0]
-        head_dim = m.get("llama.attention.key_length") or m.get("llama.rope.dimension_count")
+        head_dim = m.get(key("attention.key_length")) or m.get(key("rope.dimension_count"))
+        has = self._infos.__contains__
+        # Biases: q/k/v ones alone are Qwen2's; the output projection's too is an attention bias.
+        qkv_bias = has("layers.0.attention.wq.bias")
+        attention_bias = has("layers.0.attention.wo.bias")
         try:
-            return ModelConfig(
+            cfg = ModelConfig(
                 vocab_size=_integer(vocab), dim=_integer(need("embedding_length")),
                 n_layers=_integer(need("block_count")), n_heads=_integer(need("attention.head_count")),
-                n_kv_heads=_integer(m.get("llama.attention.head_count_kv")), head_dim=_integer(head_dim),
+                n_kv_heads=_integer(m.get(key("attention.head_count_kv"))), head_dim=_integer(head_dim),
                 ffn_dim=_integer(need("feed_forward_length")),
-                norm_eps=_number(m.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-                rope_theta=_number(m.get("llama.rope.freq_base", 10000.0)), rope_scaling=scaling,
-                max_seq_len=_integer(m.get("llama.context_length", 2048)),
+                norm_eps=_number(m.get(key("attention.layer_norm_rms_epsilon"), 1e-5)),
+                rope_theta=_number(m.get(key("rope.freq_base"), 10000.0)), rope_scaling=scaling,
+                max_seq_len=_integer(m.get(key("context_length"), 2048)),
                 tie_embeddings="output.weight" not in self._infos,
-                attention_bias="layers.0.attention.wq.bias" in self._infos,
-                mlp_bias="layers.0.feed_forward.w1.bias" in self._infos,
+                attention_bias=attention_bias, qkv_bias=qkv_bias and not attention_bias,
+                mlp_bias=has("layers.0.feed_forward.w1.bias"), qk_norm=has("layers.0.attention.q_norm.weight"),
+                model_type=ARCHITECTURES[self.arch],
                 bos_id=self.tokenizer.get("bos_token_id"), eos_ids=self._eos_ids())
         except InvalidModelConfig as e:
-            raise config_error(self.path, e, _GGUF_KEYS) from None
+            keys = {**{k: key(v) for k, v in _GGUF_KEYS.items()}, **_TOKEN_KEYS}
+            raise config_error(self.path, e, keys) from None
         except (TypeError, ValueError) as e:
             raise HpcLlamaError(f"{self.path}: invalid model metadata: {e}") from None
+        if rope_freqs is not None:
+            if scaling is not None:
+                raise HpcLlamaError(f"{self.path}: both {key('rope.scaling.type')} and rope_freqs scale the rope")
+            factors = self._rope_factors(rope_freqs, cfg)
+            try:
+                cfg = ModelConfig(**{**cfg.__dict__, "rope_scaling": llama3_scaling(cfg, factors)})
+            except (InvalidModelConfig, ValueError) as e:
+                raise HpcLlamaError(f"{self.path}: rope_freqs: {e}") from None
+        return cfg
+
+    def _rope_factors(self, t, cfg: ModelConfig) -> np.ndarray:
+        if t.tensor_type.name != "F32" or int(np.prod(t.shape)) != cfg.head_dim // 2:
+            raise HpcLlamaError(f"{self.path}: rope_freqs must be {cfg.head_dim // 2} F32 factors (one per rotary "
+                                f"frequency), got {t.tensor_type.name} of shape {list(t.shape)}")
+        return np.asarray(t.data, dtype=np.float32).reshape(-1).astype(np.float64)
 
     def _eos_ids(self) -> tuple[int, ...]:
         tok = self.tokenizer
@@ -276,7 +362,9 @@ class GGUFCheckpoint(TableReader):
         else:
             data = dequantize(np.asarray(t.data), t.tensor_type).reshape(info.shape)
         cfg = self.config
-        if name.endswith(("attention.wq.weight", "attention.wq.bias")):
+        if self.arch != "llama":  # only llama.cpp's llama architecture permutes Q and K
+            pass
+        elif name.endswith(("attention.wq.weight", "attention.wq.bias")):
             data = unpermute(data, cfg.n_heads)
         elif name.endswith(("attention.wk.weight", "attention.wk.bias")):
             data = unpermute(data, cfg.n_kv_heads)

@@ -57,20 +57,20 @@ TINY = ["--config", "tiny-train", "--set", "model.vocab_size=512", "--set", "mod
         "--set", "train.warmup_steps=5", "--set", "train.lr=0.003"]
 
 
-def hf_config(name: str):
+def hf_config(name: str, **overrides):
     """The transformers config object of one of HF_CONFIGS (Llama unless it names its model_type)."""
     from transformers import AutoConfig
 
-    kw = dict(HF_CONFIGS[name])
+    kw = dict(HF_CONFIGS[name], **overrides)
     return AutoConfig.for_model(kw.pop("model_type", "llama"), **kw)
 
 
-def make_hf_model(name: str, seed: int = 0, dtype=torch.float32):
+def make_hf_model(name: str, seed: int = 0, dtype=torch.float32, **overrides):
     """A random model of the family's own transformers class (LlamaForCausalLM, Qwen2ForCausalLM, ...)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(name)).to(dtype).eval()
+    model = AutoModelForCausalLM.from_config(hf_config(name, **overrides)).to(dtype).eval()
     # HF initialises norms to one and biases to zero; random ones make the parity tests see them.
     with torch.no_grad():
         for n, p in model.named_parameters():

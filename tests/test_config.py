@@ -82,3 +82,21 @@ def test_every_field_of_every_section_has_a_docstring():
         assert fields, cls.__name__
         missing = [f for f in fields if f not in documented]
         assert not missing, f"{cls.__name__}: no docstring under {', '.join(missing)}"
+
+
+@pytest.mark.parametrize("preset", ["mistral-7b", "qwen2.5-7b", "qwen3-8b", "llama3.2-1b", "llama3.1-8b"])
+def test_family_presets_count_what_the_family_class_builds(preset):
+    # The family's own transformers class, built empty from the config we would export, has exactly the
+    # parameters we count (q/k/v biases, q/k norms and tied heads included).
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hpc_llama.checkpoint.hf import hf_config_from_model
+
+    cfg = load_sections(preset)["model"]
+    hf = hf_config_from_model(cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{k: v for k, v in hf.items()
+                                                                        if k != "architectures"}))
+    assert type(model).__name__ == hf["architectures"][0]
+    assert model.num_parameters() == cfg.n_params

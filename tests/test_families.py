@@ -144,3 +144,24 @@ def test_unsupported_architecture_options_are_refused_by_name(change, needle, fa
     one_line_error(run_cli("score", "--model", d, "--input", docs, "--output", tmp_path / "s.jsonl", check=False),
                    needle)
     assert not os.path.exists(tmp_path / "s.jsonl")
+
+
+def test_a_family_preset_initialises_and_exports_as_its_class(tmp_path):
+    # Pretraining starts from a preset's shape: Qwen3-8B's options at a tiny size, seeded, exported as
+    # Qwen3ForCausalLM with the same logits.
+    from transformers import AutoModelForCausalLM
+
+    from hpc_llama.checkpoint import open_checkpoint
+    from hpc_llama.checkpoint.slices import load_slice
+
+    tiny = [f"model.{k}={v}" for k, v in dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                               head_dim=32, ffn_dim=128, bos_id=1, eos_ids=[2]).items()]
+    run_cli("init", "--config", "qwen3-8b", *[a for s in tiny for a in ("--set", s)], tmp_path / "m.h5",
+            check=True)
+    run_cli("convert", tmp_path / "m.h5", tmp_path / "hf", "--format", "hf", check=True)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(exported).__name__ == "Qwen3ForCausalLM"
+    x = torch.randint(3, 320, (2, 30), generator=torch.Generator().manual_seed(3))
+    with open_checkpoint(str(tmp_path / "m.h5")) as r, torch.no_grad():
+        assert r.config.qk_norm and r.config.model_type == "qwen3"
+        assert (load_slice(r)(x) - exported(x).logits).abs().max() <= 1e-4

@@ -47,7 +47,7 @@ def llama3_rope_factors(r: dict, d: int, theta: float) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def write_gguf(path, model, tokenizer_json, qtype="F32", arch=None, pre="default", tensor_type=None):
+def write_gguf(path, model, tokenizer_json, qtype="F32", arch=None, pre="default", tensor_type=None, experts=None):
     """Write an HF model (Llama, Qwen2 or Qwen3 class) as llama.cpp writes a GGUF file: metadata, tokenizer,
     tensors (2-D ones in `qtype`); Q/K rows permuted for the llama architecture only; a llama3 rope
     scaling as rope_freqs."""
@@ -70,6 +70,8 @@ def write_gguf(path, model, tokenizer_json, qtype="F32", arch=None, pre="default
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_vocab_size(cfg.vocab_size)
+    if experts:
+        w.add_expert_count(experts)
     if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim, theta))
     tok = json.loads(open(tokenizer_json).read())
@@ -235,6 +237,7 @@ def test_gguf_is_read_in_place_by_every_job(hf_model, tokenizer_json, tmp_path):
     ({"arch": "gemma2"}, "GGUF architecture 'gemma2' is not supported (llama, qwen2, qwen3)"),
     ({"tensor_type": ("blk.0.ffn_up.weight", "IQ2_XXS")}, "tensor blk.0.ffn_up.weight has quantization type IQ2_XXS"),
     ({"pre": "deepseek-coder"}, "GGUF pre-tokenizer 'deepseek-coder' is not supported"),
+    ({"experts": 8}, "llama.expert_count 8: mixture of experts is not supported"),
 ])
 def test_unsupported_gguf_is_one_line(hf_model, tokenizer_json, tmp_path, kind, needle):
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -257,6 +257,9 @@ class GGUFCheckpoint(TableReader):
             raise HpcLlamaError(f"{path}: GGUF architecture {shown(arch)} is not supported "
                                 f"({', '.join(ARCHITECTURES)})")
         self.arch = arch
+        experts = self.meta.get(f"{arch}.expert_count")
+        if experts not in (None, 0):  # Mixtral-style files use the llama architecture with expert tensors
+            raise HpcLlamaError(f"{path}: {arch}.expert_count {shown(experts)}: mixture of experts is not supported")
         self._tensors, infos, rope_freqs = {}, {}, None
         for t in self._r.tensors:
             name = our_name(t.name)

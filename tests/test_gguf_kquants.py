@@ -3,7 +3,9 @@
 The gguf package cannot write K-quants, so test_gguf.py cannot make them; these
 files were quantized by llama.cpp's `llama_model_quantize` from seeded random
 F32 models that `make_kquants.source_tensors()` regenerates, one per
-architecture in `make_kquants.MODELS`. Per file: the tensor types are
+architecture in `make_kquants.MODELS`: llama (ten mixes), qwen2 (q/k/v biases,
+tied; Q4_K_M, Q6_K) and qwen3 (q/k norms, heads of 128 on dim 256, tied;
+Q4_K_M). Per file: the tensor types are
 llama.cpp's mix; each tensor we read is `gguf.quants.dequantize` of its bytes
 (Q/K rows put back for llama), and that dequantization is llama.cpp's own, bit
 for bit (hashes in the manifest); the error against the F32 source is what its
@@ -38,31 +40,38 @@ FILES = [(arch, ftype) for arch, m in kq.MODELS.items() for ftype in m.ftypes]
 # llama.cpp's llama_tensor_get_type (src/llama-quant.cpp) for these models, as (default type, {role: type}):
 # one layer, so use_more_bits() holds for layer 0 and the _M mixes give attn_v and ffn_down more bits.
 # llama: 2 heads on 1 KV head (n_gqa 2 < 4: Q2_K's attn_v is Q3_K, not Q4_K); an untied output, which
-# takes Q6_K in every K mix. Norms and biases stay F32.
+# takes Q6_K in every K mix. qwen2 and qwen3 are tied, and llama.cpp quantizes a tied token_embd as the
+# output. Norms and biases stay F32.
+_Q4_K_M = ("Q4_K", {"attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"})
 MIXES = {
     ("llama", "Q2_K"): ("Q2_K", {"attn_v": "Q3_K", "attn_output": "Q3_K", "ffn_down": "Q3_K", "output": "Q6_K"}),
     ("llama", "Q3_K_S"): ("Q3_K", {"output": "Q6_K"}),
     ("llama", "Q3_K_M"): ("Q3_K", {"attn_v": "Q5_K", "attn_output": "Q4_K", "ffn_down": "Q4_K", "output": "Q6_K"}),
     ("llama", "Q3_K_L"): ("Q3_K", {"attn_v": "Q5_K", "attn_output": "Q5_K", "ffn_down": "Q5_K", "output": "Q6_K"}),
     ("llama", "Q4_K_S"): ("Q4_K", {"attn_v": "Q5_K", "output": "Q6_K"}),
-    ("llama", "Q4_K_M"): ("Q4_K", {"attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"}),
+    ("llama", "Q4_K_M"): _Q4_K_M,
     ("llama", "Q5_K_S"): ("Q5_K", {"output": "Q6_K"}),
     ("llama", "Q5_K_M"): ("Q5_K", {"attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"}),
     ("llama", "Q6_K"): ("Q6_K", {}),
     ("llama", "Q8_0"): ("Q8_0", {}),
+    ("qwen2", "Q4_K_M"): ("Q4_K", {**_Q4_K_M[1], "token_embd": "Q6_K"}),
+    ("qwen2", "Q6_K"): ("Q6_K", {}),
+    ("qwen3", "Q4_K_M"): ("Q4_K", {**_Q4_K_M[1], "token_embd": "Q6_K"}),
 }
 
 # Relative RMS error of a dequantized tensor against its F32 source (Gaussian weights, no imatrix), per
 # stored type, as (low, high): measured over every tensor of that type in all ten llama files, min-max
 # (count): Q2_K 0.2948-0.2988 (5), Q3_K 0.1501-0.1521 (21), Q4_K 0.0709-0.0719 (15), Q5_K 0.0359-0.0363
 # (19), Q6_K 0.0176-0.0179 (21), Q8_0 0.00533-0.00539 (9): about halved by each bit. The ranges below are
-# those widened by 10% each way; they do not overlap, so a tensor's error names its bit width.
+# those widened by 10% each way; they do not overlap, so a tensor's error names its bit width. The qwen
+# files fall inside: Q4_K 0.0710-0.0716 (10), Q6_K 0.0176-0.0178 (14).
 RELATIVE_ERROR = {"F32": (0.0, 0.0), "Q2_K": (0.265, 0.33), "Q3_K": (0.135, 0.167), "Q4_K": (0.064, 0.079),
                   "Q5_K": (0.032, 0.04), "Q6_K": (0.0158, 0.0197), "Q8_0": (0.0048, 0.0059)}
 
 # Largest difference of our logits from llama.cpp's on a quantized file: ggml's CPU matmul rounds the
-# activations to 8 bits (Q8_K / Q8_0), which we do not. Measured: llama 0.034 (Q8_0) to 0.051 (Q3_K_L).
-QUANTIZED_COMPUTE = {"llama": 0.08}
+# activations to 8 bits (Q8_K / Q8_0), which we do not. Measured: llama 0.034 (Q8_0) to 0.051 (Q3_K_L);
+# qwen2 0.082 (Q6_K) and 0.087 (Q4_K_M); qwen3 0.097 (Q4_K_M).
+QUANTIZED_COMPUTE = {"llama": 0.08, "qwen2": 0.15, "qwen3": 0.15}
 
 
 def _path(arch, ftype):
@@ -172,8 +181,11 @@ def test_tensors_are_llama_cpps_dequantization(arch, ftype, sources):
             assert low <= _relative_error(got, sources[arch][t.name]) <= high, (t.name, kind)
 
 
-@pytest.mark.parametrize("arch, ftype", [("llama", "Q2_K"), ("llama", "Q4_K_M"), ("llama", "Q6_K")])
+@pytest.mark.parametrize("arch, ftype", [("llama", "Q2_K"), ("llama", "Q4_K_M"), ("llama", "Q6_K"),
+                                         ("qwen2", "Q4_K_M"), ("qwen2", "Q6_K"), ("qwen3", "Q4_K_M")])
 def test_logits_equal_transformers_gguf_loader(arch, ftype):
+    """Qwen2ForCausalLM and Qwen3ForCausalLM too: transformers' loader takes Qwen3's head_dim from its
+    config class (128), not from attention.key_length, so these heads are 128."""
     from transformers import AutoModelForCausalLM
 
     from hpc_llama.checkpoint import open_checkpoint
@@ -192,10 +204,11 @@ def test_logits_equal_transformers_gguf_loader(arch, ftype):
 def test_logits_are_llama_cpps_own(arch, ftype, source_gguf):
     """llama.cpp's own forward pass over the same file (recorded by make_kquants.py, float32 KV cache).
 
-    On the F32 source they agree to 2.2e-6 (max abs; logits are O(1)): the Q/K row order is llama.cpp's.
+    On the F32 source they agree to 2.2e-6 (llama), 3.9e-6 (qwen2), 3.8e-6 (qwen3) (max abs; logits are
+    O(1)): the Q/K row order, qwen2's biases, qwen3's q/k norms and head_dim are llama.cpp's.
     On quantized files ggml's CPU matmul also rounds the activations to 8 bits (QUANTIZED_COMPUTE) — while
     the same llama files differ from the F32 source's logits by 0.035 (Q8_0), 0.15 (Q6_K), 0.52 (Q4_K_M)
-    and 1.5 (Q2_K).
+    and 1.5 (Q2_K); qwen2's by 0.21 (Q6_K) and 0.55 (Q4_K_M), qwen3's by 0.82 (Q4_K_M).
     """
     from hpc_llama.checkpoint import open_checkpoint
     from hpc_llama.checkpoint.slices import load_slice

@@ -16,8 +16,9 @@ llama_cpp_logits.npz holds the logits llama.cpp itself computes from each file
 that we read the files as llama.cpp does (Q/K row order included).
 
 Shape: every row is a whole number of K-quant blocks (256), so no tensor falls
-back to a 32-block type: dim 256, ffn 256, 2 heads of 128, 1 KV head. One
-layer keeps the ten files near 3 MB together; with one layer llama.cpp's
+back to a 32-block type: dim 256, ffn 256, heads of 128 (llama and qwen2: 2 on
+1 KV head; qwen3: 4 on 1). One layer keeps the files small (llama's ten 3.5 MB
+together, qwen2's two and qwen3's one 1.1 MB); with one layer llama.cpp's
 `use_more_bits` holds for layer 0, so the _M mixes still give it more bits.
 
 Made with llama-cpp-python 0.3.36 (the llama.cpp vendored in it, built from the
@@ -72,9 +73,18 @@ class Tiny:
     """Qwen3's per-head RMSNorm of q and k (attn_q_norm, attn_k_norm: head_dim weights each)."""
 
 
+# llama: untied, Q/K rows permuted, all ten mixes. qwen2 and qwen3 as their small released models are:
+# tied, theta 1e6, eps 1e-6; Qwen2 with q/k/v biases, Qwen3 with q/k norms and heads of 128 that are not
+# dim / n_heads (4 x 128 on dim 256, as Qwen3-0.6B's 16 x 128 on 1024), so only attention.key_length
+# gives head_dim. Q4_K_M is the mix people run; Q6_K (every matrix in one type) only for qwen2: qwen3's
+# would add 0.5 MB for no type its Q4_K_M file lacks.
 MODELS = {
     "llama": Tiny("llama", 20261201, n_heads=2, n_kv_heads=1, head_dim=128, rope_theta=10000.0, norm_eps=1e-5,
                   ftypes=K_MIXES),
+    "qwen2": Tiny("qwen2", 20261202, n_heads=2, n_kv_heads=1, head_dim=128, rope_theta=1e6, norm_eps=1e-6,
+                  ftypes=("Q4_K_M", "Q6_K"), tied=True, qkv_bias=True),
+    "qwen3": Tiny("qwen3", 20261203, n_heads=4, n_kv_heads=1, head_dim=128, rope_theta=1e6, norm_eps=1e-6,
+                  ftypes=("Q4_K_M",), tied=True, qk_norm=True),
 }
 
 

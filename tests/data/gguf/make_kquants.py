@@ -13,7 +13,10 @@ own dequantization (ggml's `to_float` for the tensor's type), so the tests can
 hold `gguf.quants.dequantize` to llama.cpp without llama.cpp installed; and
 llama_cpp_logits.npz holds the logits llama.cpp itself computes from each file
 (and from its F32 source) for PROMPT, float32 KV cache, so the tests can show
-that we read the files as llama.cpp does (Q/K row order included).
+that we read the files as llama.cpp does (Q/K row order included). On a
+quantized file ggml's matmul also rounds the activations to 8 bits, so the
+npz holds too llama.cpp's logits from an F32 file of its own dequantization of
+each quantized one: the same weights without that rounding.
 
 Shape: every row is a whole number of K-quant blocks (256), so no tensor falls
 back to a 32-block type: dim 256, ffn 256, heads of 128 (llama and qwen2: 2 on
@@ -49,7 +52,7 @@ MERGES = [("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġt", "he"), ("e", "r")]
 K_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 MANIFEST = "kquants.json"
 LOGITS = "llama_cpp_logits.npz"
-"""llama.cpp's own logits for PROMPT, by `logits_key(arch, ftype)` (ftype "F32": the source)."""
+"""llama.cpp's own logits for PROMPT, by `logits_key(arch, ftype[, dequantized])` (ftype "F32": the source)."""
 PROMPT = [1, 126, 136, 200, 251, 12, 40, 217, 250, 68, 84, 229]  # BOS, then random ids
 
 
@@ -92,8 +95,9 @@ def file_name(arch: str, ftype: str) -> str:
     return f"tiny-{arch}-{ftype}.gguf"
 
 
-def logits_key(arch: str, ftype: str) -> str:
-    return f"{arch}-{ftype}"
+def logits_key(arch: str, ftype: str, dequantized: bool = False) -> str:
+    """dequantized: llama.cpp's logits from an F32 file of its own dequantization of the ftype file."""
+    return f"{arch}-{ftype}" + ("-dequantized" if dequantized else "")
 
 
 def byte_tokens() -> list[str]:
@@ -169,8 +173,10 @@ def permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_source(path: str, m: Tiny, tensors: dict[str, np.ndarray]) -> None:
-    """Model `m` as F32 GGUF, with the keys and row order llama.cpp's converter gives its architecture."""
+def write_source(path: str, m: Tiny, tensors: dict[str, np.ndarray], permuted: bool = False) -> None:
+    """Model `m` as F32 GGUF, with the keys and row order llama.cpp's converter gives its architecture.
+
+    permuted: the tensors are in llama.cpp's row order already (read from one of its files)."""
     import gguf
 
     w = gguf.GGUFWriter(path, m.arch)
@@ -200,9 +206,9 @@ def write_source(path: str, m: Tiny, tensors: dict[str, np.ndarray]) -> None:
     w.add_eos_token_id(2)
     w.add_pad_token_id(0)
     for name, a in tensors.items():
-        if m.arch == "llama" and name.endswith("attn_q.weight"):  # only llama's rope rotates adjacent pairs
-            a = permute(a, m.n_heads)
-        elif m.arch == "llama" and name.endswith("attn_k.weight"):
+        if m.arch == "llama" and not permuted and name.endswith("attn_q.weight"):  # only llama's rope
+            a = permute(a, m.n_heads)                                                # rotates adjacent pairs
+        elif m.arch == "llama" and not permuted and name.endswith("attn_k.weight"):
             a = permute(a, m.n_kv_heads)
         w.add_tensor(name, a)
     w.write_header_to_file()
@@ -250,6 +256,20 @@ def describe(path: str, lib) -> dict:
     return out
 
 
+def write_dequantized(path: str, quantized: str, m: Tiny, lib) -> None:
+    """An F32 GGUF of llama.cpp's own dequantization (ggml's to_float) of every tensor of `quantized`."""
+    from gguf import GGUFReader
+
+    tensors = {}
+    for t in GGUFReader(quantized).tensors:
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
+        raw = np.asarray(t.data)
+        if t.tensor_type.name != "F32":
+            raw = llama_cpp_dequantize(lib, raw, int(t.tensor_type), int(np.prod(shape)))
+        tensors[t.name] = raw.reshape(shape)
+    write_source(path, m, tensors, permuted=True)
+
+
 def llama_cpp_logits(path: str) -> np.ndarray:
     """(len(PROMPT), VOCAB) logits of llama.cpp's own forward pass over PROMPT, with a float32 KV cache."""
     import llama_cpp
@@ -293,6 +313,9 @@ def main() -> None:
                 manifest["files"][name] = {"arch": arch, "ftype": ftype, "bytes": os.path.getsize(out),
                                            "sha256": sha256_file(out), "tensors": describe(out, ggml_base)}
                 logits[logits_key(arch, ftype)] = llama_cpp_logits(out)
+                dequantized = os.path.join(tmp, name)
+                write_dequantized(dequantized, out, m, ggml_base)
+                logits[logits_key(arch, ftype, dequantized=True)] = llama_cpp_logits(dequantized)
     np.savez(os.path.join(HERE, LOGITS), **logits)
     with open(os.path.join(HERE, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)

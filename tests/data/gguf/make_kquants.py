@@ -1,22 +1,27 @@
 """Make the K-quant GGUF fixtures beside this file with llama.cpp's own quantizer.
 
 The gguf package cannot write K-quants, so these files come from llama.cpp:
-a tiny random Llama (seeded numpy, written as F32 by the gguf package the way
-llama.cpp's HF converter writes it, Q/K rows permuted) is quantized by
-`llama_model_quantize` into each mix in FTYPES. The F32 source is not checked
-in (2 MB); `source_tensors()` regenerates it from SEED, and the manifest's
-`source_sha256` says whether it still does.
+a tiny random model per entry of MODELS (seeded numpy, written as F32 by the
+gguf package the way llama.cpp's HF converter writes its architecture: for
+llama, Q/K rows permuted) is quantized by `llama_model_quantize` into each of
+its mixes. The F32 sources are not checked in (2 MB each);
+`source_tensors(model)` regenerates one from its seed, and the manifest's
+`models.<arch>.source_sha256` says whether it still does.
 
 The manifest (kquants.json) also holds, per tensor, the sha256 of llama.cpp's
 own dequantization (ggml's `to_float` for the tensor's type), so the tests can
 hold `gguf.quants.dequantize` to llama.cpp without llama.cpp installed; and
 llama_cpp_logits.npz holds the logits llama.cpp itself computes from each file
-(and from the F32 source) for PROMPT, float32 KV cache, so the tests can show
-that we read the files as llama.cpp does (Q/K row order included).
+(and from its F32 source) for PROMPT, float32 KV cache, so the tests can show
+that we read the files as llama.cpp does (Q/K row order included). On a
+quantized file ggml's matmul also rounds the activations to 8 bits, so the
+npz holds too llama.cpp's logits from an F32 file of its own dequantization of
+each quantized one: the same weights without that rounding.
 
 Shape: every row is a whole number of K-quant blocks (256), so no tensor falls
-back to a 32-block type: dim 256, ffn 256, 2 heads of 128, 1 KV head. One
-layer keeps the ten files near 3 MB together; with one layer llama.cpp's
+back to a 32-block type: dim 256, ffn 256, heads of 128 (llama and qwen2: 2 on
+1 KV head; qwen3: 4 on 1). One layer keeps the files small (llama's ten 3.5 MB
+together, qwen2's two and qwen3's one 1.1 MB); with one layer llama.cpp's
 `use_more_bits` holds for layer 0, so the _M mixes still give it more bits.
 
 Made with llama-cpp-python 0.3.36 (the llama.cpp vendored in it, built from the
@@ -35,25 +40,64 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SEED = 20261201
-DIM, FFN, N_LAYERS, N_HEADS, N_KV_HEADS = 256, 256, 1, 2, 1
-HEAD_DIM = DIM // N_HEADS
-CONTEXT, ROPE_THETA, NORM_EPS = 256, 10000.0, 1e-5
+DIM, FFN, N_LAYERS = 256, 256, 1
+CONTEXT = 256
 SPECIALS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: pad, bos, eos
 MERGES = [("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġt", "he"), ("e", "r")]
-FTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+K_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 MANIFEST = "kquants.json"
 LOGITS = "llama_cpp_logits.npz"
-"""llama.cpp's own logits for PROMPT, by ftype ("F32": the source): what llama.cpp computes from each file."""
+"""llama.cpp's own logits for PROMPT, by `logits_key(arch, ftype[, dequantized])` (ftype "F32": the source)."""
 PROMPT = [1, 126, 136, 200, 251, 12, 40, 217, 250, 68, 84, 229]  # BOS, then random ids
 
 
-def file_name(ftype: str) -> str:
-    return f"tiny-llama-{ftype}.gguf"
+@dataclass(frozen=True)
+class Tiny:
+    """One tiny model: its GGUF architecture, seed, attention shape, and the mixes llama.cpp makes of it."""
+
+    arch: str
+    seed: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    norm_eps: float
+    ftypes: tuple[str, ...]
+    tied: bool = False
+    """No output.weight: the head is token_embd (llama.cpp then quantizes token_embd as the output)."""
+    qkv_bias: bool = False
+    """Qwen2's biases on the q, k and v projections."""
+    qk_norm: bool = False
+    """Qwen3's per-head RMSNorm of q and k (attn_q_norm, attn_k_norm: head_dim weights each)."""
+
+
+# llama: untied, Q/K rows permuted, all ten mixes. qwen2 and qwen3 as their small released models are:
+# tied, theta 1e6, eps 1e-6; Qwen2 with q/k/v biases, Qwen3 with q/k norms and heads of 128 that are not
+# dim / n_heads (4 x 128 on dim 256, as Qwen3-0.6B's 16 x 128 on 1024), so only attention.key_length
+# gives head_dim. Q4_K_M is the mix people run; Q6_K (every matrix in one type) only for qwen2: qwen3's
+# would add 0.5 MB for no type its Q4_K_M file lacks.
+MODELS = {
+    "llama": Tiny("llama", 20261201, n_heads=2, n_kv_heads=1, head_dim=128, rope_theta=10000.0, norm_eps=1e-5,
+                  ftypes=K_MIXES),
+    "qwen2": Tiny("qwen2", 20261202, n_heads=2, n_kv_heads=1, head_dim=128, rope_theta=1e6, norm_eps=1e-6,
+                  ftypes=("Q4_K_M", "Q6_K"), tied=True, qkv_bias=True),
+    "qwen3": Tiny("qwen3", 20261203, n_heads=4, n_kv_heads=1, head_dim=128, rope_theta=1e6, norm_eps=1e-6,
+                  ftypes=("Q4_K_M",), tied=True, qk_norm=True),
+}
+
+
+def file_name(arch: str, ftype: str) -> str:
+    return f"tiny-{arch}-{ftype}.gguf"
+
+
+def logits_key(arch: str, ftype: str, dequantized: bool = False) -> str:
+    """dequantized: llama.cpp's logits from an F32 file of its own dequantization of the ftype file."""
+    return f"{arch}-{ftype}" + ("-dequantized" if dequantized else "")
 
 
 def byte_tokens() -> list[str]:
@@ -79,30 +123,41 @@ def tokenizer() -> tuple[list[str], list[int], list[str]]:
 VOCAB = len(tokenizer()[0])
 
 
-def source_tensors() -> dict[str, np.ndarray]:
-    """The F32 ground truth by GGUF name, in HF row order (Q/K not permuted), shape (out, in)."""
-    rng = np.random.default_rng(SEED)
+def source_tensors(m: Tiny) -> dict[str, np.ndarray]:
+    """The F32 ground truth of model `m` by GGUF name, in HF row order (Q/K not permuted), shape (out, in)."""
+    rng = np.random.default_rng(m.seed)
 
     def linear(n_out, n_in):  # unit-variance activations in, O(1) out: logits far above fp32 rounding
         return (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
 
-    def norm():
-        return (1 + 0.1 * rng.standard_normal(DIM)).astype(np.float32)
+    def norm(n=DIM):
+        return (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    out = {"token_embd.weight": rng.standard_normal((VOCAB, DIM)).astype(np.float32)}
+    def bias(n):  # as large as the projection's output, so a bias dropped or misplaced shows in the logits
+        return (0.5 * rng.standard_normal(n)).astype(np.float32)
+
+    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    # A tied embedding is also the head: rows of norm 1 keep its logits O(1), as linear() does for an output.
+    embd = rng.standard_normal((VOCAB, DIM)) / (np.sqrt(DIM) if m.tied else 1)
+    out = {"token_embd.weight": embd.astype(np.float32)}
     for i in range(N_LAYERS):
         p = f"blk.{i}."
         out[p + "attn_norm.weight"] = norm()
-        out[p + "attn_q.weight"] = linear(N_HEADS * HEAD_DIM, DIM)
-        out[p + "attn_k.weight"] = linear(N_KV_HEADS * HEAD_DIM, DIM)
-        out[p + "attn_v.weight"] = linear(N_KV_HEADS * HEAD_DIM, DIM)
-        out[p + "attn_output.weight"] = linear(DIM, N_HEADS * HEAD_DIM)
+        out[p + "attn_q.weight"] = linear(q, DIM)
+        out[p + "attn_k.weight"] = linear(kv, DIM)
+        out[p + "attn_v.weight"] = linear(kv, DIM)
+        if m.qkv_bias:
+            out[p + "attn_q.bias"], out[p + "attn_k.bias"], out[p + "attn_v.bias"] = bias(q), bias(kv), bias(kv)
+        if m.qk_norm:
+            out[p + "attn_q_norm.weight"], out[p + "attn_k_norm.weight"] = norm(m.head_dim), norm(m.head_dim)
+        out[p + "attn_output.weight"] = linear(DIM, q)
         out[p + "ffn_norm.weight"] = norm()
         out[p + "ffn_gate.weight"] = linear(FFN, DIM)
         out[p + "ffn_up.weight"] = linear(FFN, DIM)
         out[p + "ffn_down.weight"] = linear(DIM, FFN)
     out["output_norm.weight"] = norm()
-    out["output.weight"] = linear(VOCAB, DIM)
+    if not m.tied:
+        out["output.weight"] = linear(VOCAB, DIM)
     return out
 
 
@@ -118,22 +173,29 @@ def permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_source(path: str, tensors: dict[str, np.ndarray]) -> None:
+def write_source(path: str, m: Tiny, tensors: dict[str, np.ndarray], permuted: bool = False) -> None:
+    """Model `m` as F32 GGUF, with the keys and row order llama.cpp's converter gives its architecture.
+
+    permuted: the tensors are in llama.cpp's row order already (read from one of its files)."""
     import gguf
 
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name("tiny-llama-kquants")
+    w = gguf.GGUFWriter(path, m.arch)
+    w.add_name(f"tiny-{m.arch}-kquants")
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_block_count(N_LAYERS)
     w.add_context_length(CONTEXT)
     w.add_embedding_length(DIM)
     w.add_feed_forward_length(FFN)
-    w.add_head_count(N_HEADS)
-    w.add_head_count_kv(N_KV_HEADS)
-    w.add_rope_freq_base(ROPE_THETA)
-    w.add_layer_norm_rms_eps(NORM_EPS)
-    w.add_rope_dimension_count(HEAD_DIM)
-    w.add_vocab_size(VOCAB)
+    w.add_head_count(m.n_heads)
+    w.add_head_count_kv(m.n_kv_heads)
+    w.add_rope_freq_base(m.rope_theta)
+    w.add_layer_norm_rms_eps(m.norm_eps)
+    if m.arch == "llama":  # conversion/llama.py's LlamaModel adds these; the Qwen2/Qwen3 converters do not
+        w.add_rope_dimension_count(m.head_dim)
+        w.add_vocab_size(VOCAB)
+    if m.arch == "qwen3":  # base.py's TextModel, for an HF config with head_dim (every Qwen3's)
+        w.add_key_length(m.head_dim)
+        w.add_value_length(m.head_dim)
     tokens, types, merges = tokenizer()
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -144,10 +206,10 @@ def write_source(path: str, tensors: dict[str, np.ndarray]) -> None:
     w.add_eos_token_id(2)
     w.add_pad_token_id(0)
     for name, a in tensors.items():
-        if name.endswith("attn_q.weight"):
-            a = permute(a, N_HEADS)
-        elif name.endswith("attn_k.weight"):
-            a = permute(a, N_KV_HEADS)
+        if m.arch == "llama" and not permuted and name.endswith("attn_q.weight"):  # only llama's rope
+            a = permute(a, m.n_heads)                                                # rotates adjacent pairs
+        elif m.arch == "llama" and not permuted and name.endswith("attn_k.weight"):
+            a = permute(a, m.n_kv_heads)
         w.add_tensor(name, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -194,6 +256,20 @@ def describe(path: str, lib) -> dict:
     return out
 
 
+def write_dequantized(path: str, quantized: str, m: Tiny, lib) -> None:
+    """An F32 GGUF of llama.cpp's own dequantization (ggml's to_float) of every tensor of `quantized`."""
+    from gguf import GGUFReader
+
+    tensors = {}
+    for t in GGUFReader(quantized).tensors:
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
+        raw = np.asarray(t.data)
+        if t.tensor_type.name != "F32":
+            raw = llama_cpp_dequantize(lib, raw, int(t.tensor_type), int(np.prod(shape)))
+        tensors[t.name] = raw.reshape(shape)
+    write_source(path, m, tensors, permuted=True)
+
+
 def llama_cpp_logits(path: str) -> np.ndarray:
     """(len(PROMPT), VOCAB) logits of llama.cpp's own forward pass over PROMPT, with a float32 KV cache."""
     import llama_cpp
@@ -214,25 +290,32 @@ def main() -> None:
 
     lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
     ggml_base = ctypes.CDLL(os.path.join(lib_dir, "libggml-base.so"))
-    tensors = source_tensors()
     manifest = {"made_with": {"llama_cpp_python": llama_cpp.__version__, "gguf": _version("gguf"),
                               "numpy": np.__version__, "python": sys.version.split()[0]},
-                "seed": SEED, "source_sha256": source_sha256(tensors), "files": {}}
+                "models": {}, "files": {}}
+    logits = {}
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "tiny-llama-F32.gguf")
-        write_source(src, tensors)
-        logits = {"F32": llama_cpp_logits(src)}
-        for ftype in FTYPES:
-            out = os.path.join(HERE, file_name(ftype))
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-            params.nthread = 2
-            rc = llama_cpp.llama_model_quantize(src.encode(), out.encode(), ctypes.byref(params))
-            if rc != 0:
-                raise SystemExit(f"llama_model_quantize {ftype} failed: {rc}")
-            manifest["files"][file_name(ftype)] = {"ftype": ftype, "bytes": os.path.getsize(out),
-                                                   "sha256": sha256_file(out), "tensors": describe(out, ggml_base)}
-            logits[ftype] = llama_cpp_logits(out)
+        for arch, m in MODELS.items():
+            tensors = source_tensors(m)
+            manifest["models"][arch] = {"seed": m.seed, "source_sha256": source_sha256(tensors)}
+            src = os.path.join(tmp, file_name(arch, "F32"))
+            write_source(src, m, tensors)
+            logits[logits_key(arch, "F32")] = llama_cpp_logits(src)
+            for ftype in m.ftypes:
+                name = file_name(arch, ftype)
+                out = os.path.join(HERE, name)
+                params = llama_cpp.llama_model_quantize_default_params()
+                params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+                params.nthread = 2
+                rc = llama_cpp.llama_model_quantize(src.encode(), out.encode(), ctypes.byref(params))
+                if rc != 0:
+                    raise SystemExit(f"llama_model_quantize {arch} {ftype} failed: {rc}")
+                manifest["files"][name] = {"arch": arch, "ftype": ftype, "bytes": os.path.getsize(out),
+                                           "sha256": sha256_file(out), "tensors": describe(out, ggml_base)}
+                logits[logits_key(arch, ftype)] = llama_cpp_logits(out)
+                dequantized = os.path.join(tmp, name)
+                write_dequantized(dequantized, out, m, ggml_base)
+                logits[logits_key(arch, ftype, dequantized=True)] = llama_cpp_logits(dequantized)
     np.savez(os.path.join(HERE, LOGITS), **logits)
     with open(os.path.join(HERE, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)

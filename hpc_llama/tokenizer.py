@@ -39,6 +39,57 @@ class Tokenizer:
         return self.tok.token_to_id(token)
 
 
+def _token_text(value):
+    # tokenizer_config.json writes a special token as its text, or as an AddedToken object ({"content": ...}).
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def declared_specials(reader, tokenizer: Tokenizer | None) -> dict | None:
+    """The BOS and EOS the checkpoint's tokenizer declares, as transformers reads them:
+    {"bos": id or None, "eos": id or None, "add_bos": True/False/None (not said)}; None when the
+    checkpoint has no tokenizer_config.json (the model config's ids then stand).
+
+    This, not the model config, is what lm-evaluation-harness takes its prefix token from and what
+    transformers puts before a prompt: Qwen's config names a BOS its tokenizer never uses
+    (tokenizer_config.json says `"bos_token": null`), and a GGUF says `add_bos_token` itself.
+    """
+    import json
+
+    raw = reader.asset("tokenizer_config.json")
+    if raw is None or tokenizer is None:
+        return None
+    try:
+        config = json.loads(raw)
+        extra = json.loads(reader.asset("special_tokens_map.json") or b"{}")
+    except ValueError:
+        raise HpcLlamaError("the checkpoint's tokenizer_config.json or special_tokens_map.json is not JSON") from None
+    if not isinstance(config, dict) or not isinstance(extra, dict):
+        raise HpcLlamaError("the checkpoint's tokenizer_config.json is not a JSON object")
+    out = {}
+    for role in ("bos", "eos"):
+        key = f"{role}_token"
+        text = _token_text(extra[key]) if extra.get(key) is not None else _token_text(config.get(key))
+        out[role] = None if text is None else tokenizer.token_id(text)
+    add = config.get("add_bos_token")
+    out["add_bos"] = add if isinstance(add, bool) else None
+    return out
+
+
+def prefix_and_bos(reader, tokenizer: Tokenizer | None) -> tuple[int, int | None]:
+    """(prefix, bos): the token a scored text starts from -- lm-eval's prefix token: the tokenizer's BOS,
+    else its EOS -- and the BOS a text prompt gets as transformers' tokenizer would add it (None: none)."""
+    cfg = reader.config
+    spec = declared_specials(reader, tokenizer)
+    if spec is None:
+        bos = cfg.bos_id
+        return (bos if bos is not None else cfg.eos_ids[0]), bos
+    bos = spec["bos"] if spec["add_bos"] is not False else None
+    prefix = next((t for t in (spec["bos"], spec["eos"], cfg.bos_id) if t is not None), None)
+    return (prefix if prefix is not None else cfg.eos_ids[0]), bos
+
+
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str, prefix: int) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) of a conditional request, by lm-evaluation-harness's rule for its HF backend.
 

@@ -115,11 +115,12 @@ def test_compress_keeps_the_family(name, family_dirs, docs, tmp_path):
     from hpc_llama.checkpoint.slices import load_slice
 
     out = str(tmp_path / "c.h5")
-    run_cli("compress", "--model", family_dirs[name], "--output", out, "--method", "prune-ffn,int8",
-            "--ffn-prune", "0.25", "--quiet", check=True)
+    run_cli("compress", "--model", family_dirs[name], "--output", out, "--method", "prune-heads,prune-ffn,int8",
+            "--head-prune", "0.5", "--ffn-prune", "0.25", "--quiet", check=True)
     run_cli("convert", out, tmp_path / "hf", "--format", "hf", "--dequantize", check=True)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert exported.config.model_type == HF_CONFIGS[name].get("model_type", "llama")
+    assert exported.config.num_attention_heads == HF_CONFIGS[name]["num_attention_heads"] // 2
     x = torch.randint(3, 320, (2, 40), generator=torch.Generator().manual_seed(2))
     with open_checkpoint(out) as r, torch.no_grad():
         assert (load_slice(r)(x) - exported(x).logits).abs().max() <= 1e-4
@@ -165,3 +166,37 @@ def test_a_family_preset_initialises_and_exports_as_its_class(tmp_path):
     with open_checkpoint(str(tmp_path / "m.h5")) as r, torch.no_grad():
         assert r.config.qk_norm and r.config.model_type == "qwen3"
         assert (load_slice(r)(x) - exported(x).logits).abs().max() <= 1e-4
+
+
+def test_qwen_tokenizer_without_bos_scores_and_prompts_as_lm_eval_and_transformers(family_dirs, docs, tmp_path):
+    # Qwen's config.json names a BOS its tokenizer never uses (tokenizer_config.json: bos_token null):
+    # lm-eval starts every rolling text from the tokenizer's EOS then, and transformers puts nothing
+    # before a prompt. The model config alone would give both a BOS.
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tmp_path / "qwen"
+    shutil.copytree(family_dirs["qwen2"], d)
+    json.dump({"bos_token": None, "eos_token": "</s>", "pad_token": "<pad>",
+               "tokenizer_class": "PreTrainedTokenizerFast"}, open(d / "tokenizer_config.json", "w"))
+    assert json.load(open(d / "config.json"))["bos_token_id"] == 1  # <s>, which the tokenizer never adds
+    run_cli("score", "--model", d, "--input", docs, "--output", tmp_path / "s.jsonl", "--context", CONTEXT,
+            "--quiet", check=True)  # windows that do not overlap, as lm-eval's loglikelihood_rolling
+    got = [r for r in read_jsonl(tmp_path / "s.jsonl") if r["n_tokens"]]
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(d)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=2, max_length=CONTEXT, device="cpu")
+    texts = [r["text"] for r in read_jsonl(docs)]
+    want = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (texts[r["index"]],), i)
+                                     for i, r in enumerate(got)], disable_tqdm=True)
+    assert lm.prefix_token_id == 2
+    assert max(abs(r["loglik"] - w) for r, w in zip(got, want, strict=True)) <= 1e-4
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    run_cli("generate", "--model", d, "--input", prompts, "--output", tmp_path / "g.jsonl", "--max-new-tokens", "8",
+            "--quiet", check=True)
+    for r, p in zip(read_jsonl(tmp_path / "g.jsonl"), PROMPTS, strict=True):
+        ids = tok(p, return_tensors="pt").input_ids
+        assert ids[0, 0] != 1  # no BOS
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=2)
+        assert r["tokens"] == out[0, ids.shape[1]:].tolist()

@@ -17,6 +17,7 @@ import json
 import os
 
 from ..errors import HpcLlamaError
+from ..tokenizer import prefix_and_bos
 
 
 def add_arguments(p):
@@ -70,7 +71,8 @@ def run(args) -> int:
     context = cfg.context or reader.config.max_seq_len
     if context > reader.config.max_seq_len:
         raise HpcLlamaError(f"context {context} exceeds the model's {reader.config.max_seq_len} tokens")
-    bos = reader.config.bos_id if cfg.add_bos and not cfg.chat else None
+    # A text prompt starts as transformers' tokenizer would start it (Llama: BOS; Qwen, SmolLM2: none).
+    bos = prefix_and_bos(reader, job.tokenizer)[1] if cfg.add_bos and not cfg.chat else None
     longest = job.validate(lambda files: _scan(files, fields, reader, job.tokenizer, bos, context),
                            {"generate": cfg.__dict__, "dtype": job.parallel.dtype, "format": job.fmt,
                             "keep_fields": list(args.keep_fields)})

@@ -18,7 +18,7 @@ from ..errors import HpcLlamaError
 from ..parallel.collectives import gather_array
 from ..parallel.layout import stage_and_replica
 from ..procstats import peak_rss
-from ..tokenizer import tokenize_requests
+from ..tokenizer import prefix_and_bos, tokenize_requests
 from .plan import ContinuationTooLong, call_tensors, dummy_call, plan_calls, replica_rounds, request_rows, score_head
 
 
@@ -63,8 +63,8 @@ class Scorer:
         self.stage, self.replica = stage_and_replica(info.rank, info.world_size, parallel.pp)
         self.micro_batches = cfg.micro_batches or (4 * parallel.pp if parallel.pp > 1 else 1)
         # What a text starts from, and a conditional request's empty context: lm-eval's prefix token,
-        # the BOS, else (models without one, as Qwen) the first EOS.
-        self.prefix = mcfg.bos_id if mcfg.bos_id is not None else mcfg.eos_ids[0]
+        # the tokenizer's BOS, else (models without one, as Qwen) its EOS.
+        self.prefix = prefix_and_bos(reader, tokenizer)[0]
         self.bos = self.prefix if cfg.add_bos else None
         self.dtype = resolve_dtype(parallel.dtype, info.device)
         load: dict = {}

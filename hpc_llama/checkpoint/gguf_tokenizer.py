@@ -1,18 +1,22 @@
 """The tokenizer inside a GGUF file, rebuilt as the `tokenizer.json` that the tokenizers library reads.
 
-llama.cpp stores a tokenizer as lists (tokens, merges, token types) plus the name of its model and
-pre-tokenizer; transformers' own GGUF loader rebuilds the same lists into a fast tokenizer, and ours
-must encode every text exactly as that one does.
+llama.cpp stores a tokenizer as lists (tokens, merges or scores, token types) plus the name of its model
+and pre-tokenizer; transformers' own GGUF loader rebuilds the same lists into a fast tokenizer, and ours
+must encode every text exactly as that one does. Two models are read: byte-level BPE ('gpt2': GPT-2,
+SmolLM, Llama 3) and SentencePiece BPE ('llama': Llama 2, Mistral, TinyLlama).
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 from ..errors import HpcLlamaError
 from .base import shown
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
+
+MODELS = ("gpt2", "llama")
 
 # Pre-tokenizers of the byte-level model by tokenizer.ggml.pre, with the regex each splits text by first (as
 # llama.cpp and transformers define them; None: GPT-2's own, inside the ByteLevel pre-tokenizer).
@@ -21,18 +25,24 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _SPLITS = {"default": None, "gpt2": None, "smollm": None, "llama-bpe": _LLAMA3_SPLIT}
 PRE_TOKENIZERS = tuple(_SPLITS)
 
+SPIECE_SPACE = "\u2581"  # '▁', SentencePiece's spelling of a space
+
 
 def tokenizer_json(tok: dict, path: str = "") -> str:
-    """The tokenizer.json of a GGUF's byte-level BPE tokenizer (llama.cpp's 'gpt2' model)."""
+    """The tokenizer.json of a GGUF's tokenizer: byte-level BPE ('gpt2') or SentencePiece BPE ('llama')."""
     kind = tok.get("model")
-    if kind != "gpt2":
-        raise HpcLlamaError(f"{path}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
-                            f"convert the HF original instead")
-    out = _byte_level(tok, path)
-    _add_special_tokens(out, tok, byte_level=True)
+    if kind not in MODELS:
+        raise HpcLlamaError(f"{path}: GGUF tokenizer model {shown(kind)} is not supported (byte-level BPE 'gpt2', "
+                            f"SentencePiece 'llama'); convert the HF original instead")
+    tokens = tok["tokens"]
+    if kind == "gpt2":
+        out = _byte_level(tok, path)
+    else:
+        out = _sentencepiece(tok, path)
+    _add_special_tokens(out, tok, byte_level=kind == "gpt2")
     spec = json.loads(out.to_str())
-    # transformers adds BOS and EOS to a byte-level vocabulary only where the file asks.
-    spec["post_processor"] = _bos_eos(tok, tok["tokens"], default_bos=False, path=path)
+    # transformers adds BOS by default to a SentencePiece vocabulary, as llama.cpp does, and not to a byte-level one.
+    spec["post_processor"] = _bos_eos(tok, tokens, default_bos=kind == "llama", path=path)
     return json.dumps(spec, ensure_ascii=False)
 
 
@@ -56,6 +66,31 @@ def _byte_level(tok: dict, path: str):
     return out
 
 
+def _sentencepiece(tok: dict, path: str):
+    """A SentencePiece BPE vocabulary as transformers' LlamaTokenizer holds it: a space becomes '▁' and one is
+    put before the text (not after a special token inside it), pieces missing from the vocabulary fall back
+    to their UTF-8 bytes (<0xNN> tokens), and decoding undoes both."""
+    from tokenizers import decoders, pre_tokenizers
+
+    pre = tok.get("pre") or "default"
+    if pre != "default":
+        # llama.cpp ignores it here, while transformers would swap in that byte-level regex: they disagree.
+        raise HpcLlamaError(f"{path}: GGUF pre-tokenizer {shown(pre)} is not supported with the SentencePiece "
+                            f"model 'llama' (default)")
+    tokens = tok["tokens"]
+    if tok.get("merges") is not None:
+        merges = _pairs(tok["merges"], path)
+    else:
+        merges = _merges_by_score(tokens, _scores(tok, len(tokens), path))
+    unk = _named(tok, tokens, "unknown_token_id")
+    # tokenizer.ggml.add_space_prefix is not read: transformers always puts the space in front, and so do we.
+    out = _bpe(tok, path, merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    out.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPIECE_SPACE, prepend_scheme="first", split=False)
+    out.decoder = decoders.Sequence([decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return out
+
+
 def _bpe(tok: dict, path: str, merges: list, **options):
     from tokenizers import Tokenizer, models
 
@@ -70,6 +105,38 @@ def _pairs(merges: list, path: str) -> list:
     if any(len(m) != 2 for m in pairs):
         raise HpcLlamaError(f"{path}: GGUF tokenizer.ggml.merges has an entry that is not two tokens")
     return pairs
+
+
+def _scores(tok: dict, n: int, path: str) -> list:
+    scores = tok.get("scores")
+    if scores is None:
+        raise HpcLlamaError(f"{path}: GGUF SentencePiece tokenizer has neither tokenizer.ggml.merges nor "
+                            f"tokenizer.ggml.scores")
+    if (not isinstance(scores, list) or len(scores) != n
+            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores)):
+        raise HpcLlamaError(f"{path}: GGUF metadata tokenizer.ggml.scores is not a list of {n} finite numbers "
+                            f"(one per token)")
+    return scores
+
+
+def _merges_by_score(tokens: list, scores: list) -> list:
+    """The merges a SentencePiece BPE vocabulary implies, in the order transformers derives them.
+
+    Every token that is the concatenation of two tokens is a merge of those two (all its splits, the
+    pair of lower ids first); merges are ranked by the score of the token they make, best first, ties
+    going to the longer left piece, then the longer right piece, then vocabulary order.
+    """
+    ids = {t: i for i, t in enumerate(tokens)}
+    score_of = dict(zip(tokens, scores))  # a repeated token keeps its first place and its last score
+    ranked = []
+    for token, score in score_of.items():
+        splits = [(token[:k], token[k:]) for k in range(1, len(token))
+                  if token[:k] in ids and token[k:] in ids]
+        splits.sort(key=lambda lr: (ids[lr[0]], ids[lr[1]]))
+        ranked.extend((score, len(left), len(right), left, right) for left, right in splits)
+    # A stable sort on the key alone, descending: equal keys keep the order they were found in.
+    ranked.sort(key=lambda m: m[:3], reverse=True)
+    return [(left, right) for _, _, _, left, right in ranked]
 
 
 def _named(tok: dict, tokens: list, key: str) -> str | None:

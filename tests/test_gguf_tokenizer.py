@@ -32,16 +32,18 @@ def read_vocab_tests(name: str) -> tuple[list[str], list[list[int]]]:
     return texts, [[int(i) for i in line.split()] for line in lines]
 
 
-@pytest.fixture(scope="module", params=["llama-spm"])
+@pytest.fixture(scope="module", params=["llama-spm", "qwen2"])
 def vocab(request, tmp_path_factory):
     """A real tokenizer three ways: ours (from the metadata as hpc_llama reads it), transformers' GGUF one,
     and llama.cpp's expected ids for its test strings."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, Qwen2Tokenizer
 
     from hpc_llama.checkpoint.gguf import _tokenizer_fields
 
     name = f"ggml-vocab-{request.param}.gguf"
-    reference = AutoTokenizer
+    # The class AutoTokenizer picks for the file. For a qwen2 file AutoTokenizer first reads the whole config
+    # through the gguf package's reader (10-40 s here); asked directly, the class builds the same tokenizer.
+    reference = {"llama-spm": AutoTokenizer, "qwen2": Qwen2Tokenizer}[request.param]
     where = tmp_path_factory.mktemp(request.param)
     (where / name).write_bytes(lzma.decompress((DATA / f"{name}.xz").read_bytes()))
     tok = _tokenizer_fields(gguf.GGUFReader(str(where / name)), name)
@@ -56,7 +58,7 @@ def vocab(request, tmp_path_factory):
 # front of a text that already starts with a space; llama.cpp does (as SentencePiece's dummy prefix does):
 # ' Hello' is [29871, 15043] there, [15043] here. A tokenizer.json whose normalizer always prepends '▁' (as
 # Llama 2's own has it) gives llama.cpp's ids for all 46 texts; we follow transformers.
-DISAGREE_WITH_LLAMA_CPP = {"llama-spm": lambda text: text.startswith(" ")}
+DISAGREE_WITH_LLAMA_CPP = {"llama-spm": lambda text: text.startswith(" "), "qwen2": lambda text: False}
 
 
 def test_vocab_tests_are_read_whole(vocab):
@@ -67,7 +69,7 @@ def test_vocab_tests_are_read_whole(vocab):
 def test_encodes_like_transformers_gguf_tokenizer(vocab):
     for text in vocab.texts:
         assert vocab.ours.encode(text) == vocab.ref.encode(text, add_special_tokens=False), text
-        # with the file's own special tokens: BOS in front for SentencePiece
+        # with the file's own special tokens: BOS in front for SentencePiece, nothing for Qwen2
         assert vocab.ours.encode(text, special=True) == vocab.ref.encode(text), text
     if vocab.name == "llama-spm":  # control tokens in the text are matched whole, and no '▁' goes after one
         assert vocab.ours.encode("<s>hi</s>", special=True) == vocab.ref.encode("<s>hi</s>") == [1, 1, 2918, 2]
@@ -90,6 +92,8 @@ def test_decodes_like_transformers(vocab):
         assert (ours == text) == (vocab.ref.decode(vocab.ref.encode(text, add_special_tokens=False)) == text)
     if vocab.name == "llama-spm":  # the leading space of the 15 texts above is lost both ways
         assert sum(vocab.ours.decode(vocab.ours.encode(t)) != t for t in vocab.texts) == 15
+    else:
+        assert all(vocab.ours.decode(vocab.ours.encode(t)) == t for t in vocab.texts)
 
 
 def test_same_vocabulary_merges_and_special_tokens_as_transformers(vocab):
@@ -180,7 +184,7 @@ BASE = {"model": "gpt2", "pre": "default", "tokens": ["a", "b", "ab"], "token_ty
     ({"model": "bert"}, "m.gguf: GGUF tokenizer model 'bert' is not supported (byte-level BPE 'gpt2', SentencePiece "
                         "'llama'); convert the HF original instead"),
     ({"pre": "deepseek-coder"}, "m.gguf: GGUF pre-tokenizer 'deepseek-coder' is not supported (default, gpt2, smollm, "
-                                "llama-bpe)"),
+                                "llama-bpe, qwen2, deepseek-r1-qwen)"),
     ({"model": "llama", "pre": "llama-bpe", "scores": [0.0] * 3},
      "m.gguf: GGUF pre-tokenizer 'llama-bpe' is not supported with the SentencePiece model 'llama' (default)"),
     ({"model": "llama", "merges": None}, "m.gguf: GGUF SentencePiece tokenizer has neither tokenizer.ggml.merges "

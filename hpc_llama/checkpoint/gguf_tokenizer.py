@@ -3,7 +3,7 @@
 llama.cpp stores a tokenizer as lists (tokens, merges or scores, token types) plus the name of its model
 and pre-tokenizer; transformers' own GGUF loader rebuilds the same lists into a fast tokenizer, and ours
 must encode every text exactly as that one does. Two models are read: byte-level BPE ('gpt2': GPT-2,
-SmolLM, Llama 3) and SentencePiece BPE ('llama': Llama 2, Mistral, TinyLlama).
+SmolLM, Llama 3, Qwen2/2.5/3) and SentencePiece BPE ('llama': Llama 2, Mistral, TinyLlama).
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ MODELS = ("gpt2", "llama")
 # llama.cpp and transformers define them; None: GPT-2's own, inside the ByteLevel pre-tokenizer).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {"default": None, "gpt2": None, "smollm": None, "llama-bpe": _LLAMA3_SPLIT}
+# Qwen2's: Llama 3's but one digit at a time. llama.cpp spells the (?i:...) group out as character classes
+# because its regex engine lacks the flag; transformers keeps the original from Qwen2's tokenizer.json.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"default": None, "gpt2": None, "smollm": None, "llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
+           "deepseek-r1-qwen": _QWEN2_SPLIT}
 PRE_TOKENIZERS = tuple(_SPLITS)
 
 SPIECE_SPACE = "\u2581"  # '▁', SentencePiece's spelling of a space

@@ -386,7 +386,8 @@ class GGUFCheckpoint(TableReader):
 
         config = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
                   "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id"),
-                  "add_bos_token": bool(tok.get("add_bos_token", True)),
+                  # transformers' default when the file does not say: SentencePiece adds BOS, byte-level BPE not
+                  "add_bos_token": bool(tok.get("add_bos_token", tok.get("model") == "llama")),
                   "tokenizer_class": "PreTrainedTokenizerFast"}
         if tok.get("chat_template"):
             config["chat_template"] = tok["chat_template"]
@@ -423,9 +424,10 @@ def _number(v):
 
 
 # tokenizer.ggml.* keys and the Python type each must have.
-_TOKENIZER_TYPES = {"model": str, "pre": str, "tokens": list, "token_type": list, "merges": list,
+_TOKENIZER_TYPES = {"model": str, "pre": str, "tokens": list, "token_type": list, "merges": list, "scores": list,
                     "bos_token_id": int, "eos_token_id": int, "eot_token_id": int, "unknown_token_id": int,
-                    "padding_token_id": int, "add_bos_token": bool, "chat_template": str}
+                    "padding_token_id": int, "add_bos_token": bool, "add_eos_token": bool,
+                    "add_space_prefix": bool, "chat_template": str}
 
 
 def _tokenizer_fields(reader, path: str = "") -> dict:
@@ -444,6 +446,8 @@ def _tokenizer_fields(reader, path: str = "") -> dict:
             ok = all(isinstance(t, str) for t in v)
         elif ok and key == "token_type":
             ok = all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+        elif ok and key == "scores":
+            ok = all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in v)
         if not ok:
             name = "tokenizer.chat_template" if key == "chat_template" else f"tokenizer.ggml.{key}"
             raise HpcLlamaError(f"{path}: GGUF metadata {name} is not a {kind.__name__}"

@@ -34,7 +34,7 @@ from ..model.llama import InvalidModelConfig, ModelConfig
 from .base import TableReader, shown
 from .gguf_tokenizer import CONTROL, tokenizer_json
 from .hf import config_error, hf_config_from_model
-from .tensors import TensorInfo, numpy_view
+from .tensors import DTYPES, TensorInfo, numpy_view, read_exact
 
 # GGUF tensor names -> ours.
 _LAYER_PARTS = {
@@ -50,6 +50,11 @@ _TOP = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output
 # Kept as stored; anything else listed here is dequantized to float32.
 _PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+# Rows are read and dequantized this many output bytes at a time (whole heads when unpermuting): the gguf
+# package's dequantize allocates its result and, before concatenating them, one piece per group of 16 rows,
+# so its temporaries are twice what it is given. Given a piece, they never grow with the tensor.
+PIECE_BYTES = 8 << 20
 
 # End-of-turn tokens by name. GGUF files of chat models often name only one EOS
 # (SmolLM2-Instruct's is <|im_start|>); llama.cpp also stops at these, and so do we.
@@ -260,7 +265,11 @@ class GGUFCheckpoint(TableReader):
         experts = self.meta.get(f"{arch}.expert_count")
         if experts not in (None, 0):  # Mixtral-style files use the llama architecture with expert tensors
             raise HpcLlamaError(f"{path}: {arch}.expert_count {shown(experts)}: mixture of experts is not supported")
-        self._tensors, infos, rope_freqs = {}, {}, None
+        # name -> (GGML type, byte offset, bytes) of what the file stores: tensors are read with pread,
+        # never through the reader's memory map, whose pages would stay in our RSS once touched (reading
+        # every tensor would make the whole file resident).
+        self._stored, infos, rope_freqs = {}, {}, None
+        self._fd = None
         for t in self._r.tensors:
             name = our_name(t.name)
             if name is None and t.name == "rope_freqs.weight" and arch == "llama":
@@ -276,7 +285,7 @@ class GGUFCheckpoint(TableReader):
             shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
             # Held by the file (check_layout), up to the dequantization of a few bits into 32.
             nbytes = int(np.prod(shape, dtype=object)) * (2 if dtype in ("float16", "bfloat16") else 4)
-            self._tensors[name] = t
+            self._stored[name] = (t.tensor_type, int(t.data_offset), int(t.n_bytes))
             infos[name] = TensorInfo(name, shape, dtype, nbytes, path, int(t.data_offset),
                                      attrs={"gguf_type": kind})
         self._set_table(infos)
@@ -286,6 +295,9 @@ class GGUFCheckpoint(TableReader):
             self.hf_config = hf_config_from_model(self.config)
         except HpcLlamaError as e:
             raise HpcLlamaError(f"{path}: {e}") from None
+        # Everything is parsed: drop the reader, its map of the file and its per-field numpy arrays
+        # (two per token of the vocabulary).
+        self._r = None
 
     def _key(self, key: str) -> str:
         return f"{self.arch}.{key}"
@@ -355,23 +367,60 @@ class GGUFCheckpoint(TableReader):
         return tuple(dict.fromkeys(ids))
 
     def read_into(self, name: str, out: torch.Tensor, verify: bool = True) -> None:
+        info = self._check_out(name, out)
+        qtype, offset, _ = self._stored[name]
+        dst = numpy_view(out)
+        if qtype.name in _PLAIN and self._permuted_heads(name) is None:
+            read_exact(self._file(), offset, dst)  # the stored bytes are the tensor
+            return
+        for where, piece in self._pieces(name, info):
+            dst[where] = piece
+
+    def _file(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def _permuted_heads(self, name: str) -> int | None:
+        """The heads whose Q/K rows llama.cpp permuted in this tensor; None when it keeps HF's order."""
+        if self.arch != "llama":  # only llama.cpp's llama architecture permutes Q and K
+            return None
+        if name.endswith(("attention.wq.weight", "attention.wq.bias")):
+            return self.config.n_heads
+        if name.endswith(("attention.wk.weight", "attention.wk.bias")):
+            return self.config.n_kv_heads
+        return None
+
+    def _pieces(self, name: str, info: TensorInfo):
+        """(index, values) over the tensor, a bounded number of rows at a time, in HF's row order.
+
+        Rows along the first dimension; a 1-D tensor (a norm, a bias) is one piece. When unpermuting,
+        a piece is whole heads, since llama.cpp permutes rows within each head. Only this tensor's bytes
+        are read.
+        """
         from gguf.quants import dequantize
 
-        info = self._check_out(name, out)
-        t = self._tensors[name]
-        kind = info.attrs["gguf_type"]
-        if kind in _PLAIN:
-            data = np.asarray(t.data).view(numpy_view(out).dtype).reshape(info.shape)
-        else:
-            data = dequantize(np.asarray(t.data), t.tensor_type).reshape(info.shape)
-        cfg = self.config
-        if self.arch != "llama":  # only llama.cpp's llama architecture permutes Q and K
-            pass
-        elif name.endswith(("attention.wq.weight", "attention.wq.bias")):
-            data = unpermute(data, cfg.n_heads)
-        elif name.endswith(("attention.wk.weight", "attention.wk.bias")):
-            data = unpermute(data, cfg.n_kv_heads)
-        numpy_view(out)[...] = data
+        qtype, offset, nbytes = self._stored[name]
+        heads = self._permuted_heads(name)
+        shape = info.shape
+        rows = max(shape[0], 1) if len(shape) >= 2 else 1
+        unit = rows // heads if heads and len(shape) >= 2 else 1  # rows that must stay together
+        step = min(rows, max(1, PIECE_BYTES // max(info.nbytes // rows * unit, 1)) * unit)
+        row_bytes = nbytes // rows
+        buf = np.empty(step * row_bytes, np.uint8)
+        plain = qtype.name in _PLAIN
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            raw = buf[:n * row_bytes]
+            read_exact(self._file(), offset + r * row_bytes, raw)
+            piece_shape = (n, *shape[1:]) if len(shape) >= 2 else shape
+            if plain:
+                piece = raw.view(DTYPES[info.dtype][0]).reshape(piece_shape)
+            else:
+                piece = dequantize(raw.reshape(n, row_bytes), qtype).reshape(piece_shape)
+            if heads:
+                piece = unpermute(piece, heads * n // rows)
+            yield (slice(r, r + n) if len(shape) >= 2 else ...), piece
 
     def assets(self) -> dict[str, bytes]:
         tok = self.tokenizer
@@ -405,6 +454,9 @@ class GGUFCheckpoint(TableReader):
 
     def close(self):
         self._r = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _value(field):

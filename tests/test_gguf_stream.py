@@ -70,16 +70,22 @@ def test_pieces_give_the_whole_tensors_bits(arch, ftype, piece_bytes, plain_file
             assert got.dtype == want.dtype and np.array_equal(got, want), t.name
 
 
-def test_reading_holds_a_piece_not_the_tensor(monkeypatch):
-    """Temporaries are bounded by the piece: the gguf package's dequantize alone holds twice its output."""
+@pytest.mark.parametrize("cast", [None, "bfloat16"])
+def test_reading_holds_a_piece_not_the_tensor(cast, monkeypatch):
+    """Temporaries are bounded by the piece, also through a cast (convert --dtype bf16): the gguf package's
+    dequantize alone holds twice its output, and a cast of a whole read holds the tensor twice."""
     import torch
 
     from hpc_llama.checkpoint import gguf as ours
     from hpc_llama.checkpoint import open_checkpoint
+    from hpc_llama.checkpoint.views import CastReader
 
     monkeypatch.setattr(ours, "PIECE_BYTES", 4096)
     with open_checkpoint(os.path.join(DATA, kq.file_name("llama", "Q4_K_M"))) as r:
-        out = torch.empty(r.info("output.weight").shape)  # Q6_K, (vocab, dim)
+        if cast:
+            r = CastReader(r, getattr(torch, cast))
+        shape = r.info("output.weight").shape  # Q6_K, (vocab, dim)
+        out = torch.empty(shape, dtype=getattr(torch, cast or "float32"))
         r.read_into("output.weight", out)  # once first: the file descriptor, gguf's lazy imports
         tracemalloc.start()
         try:
@@ -87,8 +93,24 @@ def test_reading_holds_a_piece_not_the_tensor(monkeypatch):
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-    assert out.nbytes >= 64 * 4096
-    assert peak < out.nbytes / 8, f"{peak} bytes of temporaries for a tensor of {out.nbytes}"
+    fp32_bytes = 4 * out.numel()
+    assert fp32_bytes >= 64 * 4096
+    assert peak < fp32_bytes / 8, f"{peak} bytes of temporaries for a tensor of {fp32_bytes} as fp32"
+
+
+@pytest.mark.parametrize("arch, ftype", [("llama", "F16"), ("llama", "Q4_K_M"), ("qwen2", "Q4_K_M")])
+def test_a_cast_in_pieces_is_the_cast_of_the_tensor(arch, ftype, plain_files, monkeypatch):
+    import torch
+
+    from hpc_llama.checkpoint import gguf as ours
+    from hpc_llama.checkpoint import open_checkpoint
+    from hpc_llama.checkpoint.views import CastReader
+
+    monkeypatch.setattr(ours, "PIECE_BYTES", 3000)
+    with open_checkpoint(_path(arch, ftype, plain_files)) as r:
+        cast = CastReader(r, torch.bfloat16)
+        for name in r.names():
+            assert torch.equal(cast.read(name).view(torch.int16), r.read(name).to(torch.bfloat16).view(torch.int16))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")

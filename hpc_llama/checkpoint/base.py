@@ -120,6 +120,12 @@ class CheckpointReader:
         """Fill a contiguous CPU tensor of the stored dtype and shape; checksums are verified where stored."""
         raise NotImplementedError
 
+    def read_pieces(self, name: str, verify: bool = True):
+        """The tensor as (index, piece) pairs that fill it in order, for a consumer that transforms as it
+        copies (a cast) without holding the whole tensor twice. One piece, the whole tensor, unless a format
+        makes its tensors a part at a time (GGUF dequantizes a few rows at a time)."""
+        yield ..., self.read(name, verify)
+
     def read_part(self, name: str, role: str, verify: bool = True) -> torch.Tensor:
         """A compressed tensor's companion (its `scale`, `zero`, ...); formats without compression have none."""
         raise HpcLlamaError(f"{self.path}: tensor {name} has no part {role!r}")

@@ -376,6 +376,17 @@ class GGUFCheckpoint(TableReader):
         for where, piece in self._pieces(name, info):
             dst[where] = piece
 
+    def read_pieces(self, name: str, verify: bool = True):
+        """The tensor a bounded number of rows at a time (PIECE_BYTES of output; a 1-D one whole), in order.
+
+        Each piece is valid until the next is asked for: copy it out, as `CastReader` does into its cast.
+        """
+        info = self.info(name)
+        dtype = DTYPES[info.dtype][1]
+        for where, piece in self._pieces(name, info):
+            t = torch.from_numpy(piece)
+            yield where, t.view(dtype) if t.dtype != dtype else t
+
     def _file(self) -> int:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)

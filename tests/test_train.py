@@ -105,13 +105,17 @@ def test_first_losses_agree_across_layouts(corpus, one_rank_losses, tmp_path, n,
 # --- learning, export, resume ----------------------------------------------------------------
 
 
+# 60 steps on 2 pipeline stages, evaluated every 20; no checkpoint on the way (the signal test's is the signal's).
+PIPELINE = [*TINY, "--pp", "2", "--steps", "60", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=100",
+            "--quiet"]
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(corpus, tmp_path_factory):
-    """60 steps under mpirun -n 2 --pp 2, evaluated every 20."""
+    """PIPELINE under mpirun -n 2, uninterrupted."""
     _, data = corpus
     run = tmp_path_factory.mktemp("pp2") / "run"
-    run_job(2, "train", *TINY, "--data", data, "--out", run, "--pp", "2", "--steps", "60",
-            "--set", "train.eval_every=20", "--quiet")
+    run_job(2, "train", *PIPELINE, "--data", data, "--out", run)
     return str(run)
 
 
@@ -177,8 +181,7 @@ def test_export_on_demand_from_the_last_checkpoint(pipeline_run, corpus, tmp_pat
     run = tmp_path / "copy"
     shutil.copytree(pipeline_run, run)
     os.remove(run / "final.h5")
-    run_job(2, "train", *TINY, "--data", corpus[1], "--out", run, "--pp", "2", "--steps", "60",
-            "--set", "train.eval_every=20", "--resume", "--export-only", "--quiet")
+    run_job(2, "train", *PIPELINE, "--data", corpus[1], "--out", run, "--resume", "--export-only")
     assert (run / "final.h5").read_bytes() == open(os.path.join(pipeline_run, "final.h5"), "rb").read()
 
 
@@ -206,20 +209,18 @@ def _interrupt(cmd, run, after_steps, how):
 
 # SIGUSR1 to one rank only: the others learn of it at the next step and all stop together. SIGTERM to
 # every rank (a preemption) is tested through Slurm's own `scontrol requeue` in test_slurm.py.
+# The uninterrupted run to equal is pipeline_run: the same flags, already run for the tests above.
 @pytest.mark.parametrize("how", ["usr1-one-rank"])
-def test_signal_checkpoint_and_resume_give_the_same_losses(corpus, tmp_path, how):
+def test_signal_checkpoint_and_resume_give_the_same_losses(corpus, pipeline_run, tmp_path, how):
     _, data = corpus
-    common = [*TINY, "--data", data, "--pp", "2", "--steps", "24", "--set", "train.eval_every=8",
-              "--set", "train.checkpoint_every=100", "--quiet"]
-    run_job(2, "train", *common, "--out", tmp_path / "whole")
     run = tmp_path / "cut"
-    cmd = [MPIRUN, "-n", "2", HPC, "train", *map(str, common), "--out", str(run), "--resume"]
+    cmd = [MPIRUN, "-n", "2", HPC, "train", *map(str, PIPELINE), "--data", data, "--out", str(run), "--resume"]
     code, err = _interrupt(cmd, run, 6, how)
     assert code == 0, err  # a signal is a clean stop: Slurm requeues, nothing failed
     done = len(metrics(run))
-    assert 6 <= done < 24 and "checkpoint saved" in err
+    assert 6 <= done < 60 and "checkpoint saved" in err
     run_job(2, *cmd[4:])
-    whole = [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(tmp_path / "whole")]
+    whole = [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(pipeline_run)]
     resumed = [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(run)]
     assert resumed == whole  # bit for bit in fp32
 

@@ -61,9 +61,12 @@ def text_model(hf_dirs, tokenizer_json, tmp_path_factory):
     return str(d)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    """Real text: 40 modules of the Python standard library, tokenized with a BPE trained on them."""
+    """Real text: 40 modules of the Python standard library, tokenized with a BPE trained on them.
+
+    Prepared once for the session: the training, hostile-training and Slurm tests only read it (a test that
+    damages a shard damages a copy)."""
     d = tmp_path_factory.mktemp("corpus")
     files = sorted(glob.glob(os.path.join(STDLIB, "*.py")))[:40]
     for f in files:

@@ -4,12 +4,13 @@
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
 
 from helpers.files import read_jsonl
-from helpers.run import HPC, MPIRUN, ROOT, kill_midway, one_line_error, run_job
+from helpers.run import HPC, MPIRUN, ROOT, RUN_TIMEOUT, kill_midway, one_line_error, run_job
 
 TASKS = os.path.join(ROOT, "configs", "tasks")
 NAMES = ["stdlib-mc", "stdlib-complete", "stdlib-bpb"]
@@ -23,10 +24,15 @@ def task_dir(tmp_path_factory):
     return d
 
 
-def evaluate(n, model, task_dir, out, *extra, pp=1, check=True, samples=True, env=None, limit=LIMIT):
+def eval_args(model, task_dir, out, *extra, pp=1, samples=True, limit=LIMIT):
     tasks = task_dir if isinstance(task_dir, list) else [task_dir]
-    return run_job(n, "eval", "--model", model, "--tasks", *tasks, "--output", out, "--pp", pp, "--limit", limit,
-                   "--quiet", *(["--samples", f"{out}.samples.jsonl"] if samples else []), *extra, check=check, env=env)
+    return ["eval", "--model", model, "--tasks", *tasks, "--output", out, "--pp", pp, "--limit", limit, "--quiet",
+            *(["--samples", f"{out}.samples.jsonl"] if samples else []), *extra]
+
+
+def evaluate(n, model, task_dir, out, *extra, pp=1, check=True, samples=True, env=None, limit=LIMIT):
+    return run_job(n, *eval_args(model, task_dir, out, *extra, pp=pp, samples=samples, limit=limit), check=check,
+                   env=env)
 
 
 # A CPU matrix product sums in an order that depends on its thread count, so bit-identical results across
@@ -210,14 +216,25 @@ def test_same_numbers_as_lm_eval_on_the_embedded_smollm2(task_dir, tmp_path):
 
     from hpc_llama.checkpoint import open_checkpoint
 
-    reader = open_checkpoint("smollm2-135m")
-    where, name = os.path.dirname(reader.path), os.path.basename(reader.path)
-    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(reader.asset("tokenizer.json").decode()),
-                                  bos_token="<|im_start|>", eos_token="<|im_end|>")
     out = tmp_path / "results.json"
     names = NAMES[:2]  # multiple choice and loglikelihood; rolling is compared on the tiny model above
-    evaluate(1, "smollm2-135m", [task_dir / f"{n}.yaml" for n in names], out, limit=4)
+    # Ours reads the GGUF and evaluates in a process of its own (one thread) while transformers reads the GGUF
+    # here (mostly Python, one core): side by side they take about as long as transformers alone.
+    args = eval_args("smollm2-135m", [task_dir / f"{n}.yaml" for n in names], out, limit=4)
+    ours = subprocess.Popen([HPC, *map(str, args)], cwd=ROOT, env=dict(os.environ, DS_ACCELERATOR="cpu", **ONE_THREAD),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        reader = open_checkpoint("smollm2-135m")
+        where, name = os.path.dirname(reader.path), os.path.basename(reader.path)
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(reader.asset("tokenizer.json").decode()),
+                                      bos_token="<|im_start|>", eos_token="<|im_end|>")
+        _, err = ours.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if ours.poll() is None:
+            ours.kill()
+            ours.wait()
+    assert ours.returncode == 0, err
     samples = read_jsonl(f"{out}.samples.jsonl")
     ref = lm_eval_reference(model, tok, task_dir, 0, 4, names)
     # 30 layers in fp32: both sides round differently (lm-eval pads batches, sums in fp32), by up to ~1e-4 on a
@@ -227,12 +244,16 @@ def test_same_numbers_as_lm_eval_on_the_embedded_smollm2(task_dir, tmp_path):
     ours_err = theirs_err = 0.0
     theirs = {s["doc_id"]: s for s in ref["samples"]["stdlib-mc"]}
     for s in (s for s in samples if s["task"] == "stdlib-mc"):
-        for req, resp in zip(s["requests"], theirs[s["doc_index"]]["resps"], strict=True):
-            ctx, cont = tok(s["prompt"]).input_ids, tok(s["prompt"] + req["continuation"]).input_ids
-            cont = cont[len(ctx):]
-            with torch.no_grad():
-                lp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0, :-1], dim=-1)
-            exact = sum(lp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+        ctx = tok(s["prompt"]).input_ids
+        conts = [tok(s["prompt"] + req["continuation"]).input_ids[len(ctx):] for req in s["requests"]]
+        # A question's choices in one forward pass, not one each (fp64 runs slowly on a CPU): padded on the right,
+        # where a causal model's real positions never look.
+        width = max(map(len, conts))
+        with torch.no_grad():
+            logits = model(torch.tensor([ctx + c + [0] * (width - len(c)) for c in conts])).logits
+        lp = torch.log_softmax(logits[:, len(ctx) - 1:-1], dim=-1)
+        for i, (req, resp) in enumerate(zip(s["requests"], theirs[s["doc_index"]]["resps"], strict=True)):
+            exact = sum(lp[i, j, t].item() for j, t in enumerate(conts[i]))
             ours_err, theirs_err = max(ours_err, abs(req["loglik"] - exact)), max(theirs_err, abs(resp[0][0] - exact))
     print(f"max |loglik - fp64|: ours {ours_err:.2e}, lm-eval {theirs_err:.2e}")
     assert ours_err <= max(theirs_err, 1e-4)

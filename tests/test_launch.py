@@ -113,9 +113,12 @@ def test_layout_errors_are_one_line_from_rank_0(ckpt):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    """The README's first command, shortened: the embedded real model converted, scored, asked and LoRA-tuned."""
-    p = run_cli("demo", "--out", tmp_path / "demo", "--steps", "10", "--lora-steps", "3", "--docs", "3",
-                "--new-tokens", "16", "--examples", "240", "--eval-limit", "4", check=True, timeout=600)
+    """The README's first command, shortened: the embedded real model converted, scored, asked and LoRA-tuned.
+
+    LoRA: 2 steps on 120 examples, so 14 held out for each of its evaluations of the real model, not 24; the held-out
+    loss still falls clearly (4.69 -> 4.41 nats/token; 3 steps on 240: 4.55 -> 3.89)."""
+    p = run_cli("demo", "--out", tmp_path / "demo", "--steps", "10", "--lora-steps", "2", "--docs", "3",
+                "--new-tokens", "16", "--examples", "120", "--eval-limit", "4", check=True, timeout=600)
     assert "bit-identical" in p.stdout and "validation loss" in p.stdout
     assert "perplexity of SmolLM2 on 3 documentation topics" in p.stdout
     report = (tmp_path / "demo" / "report.md").read_text()

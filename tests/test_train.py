@@ -83,29 +83,44 @@ def one_rank_losses(corpus, tmp_path_factory):
     return [r["loss"] for r in metrics(run)]
 
 
-@pytest.mark.parametrize("n, pp, zero", [(2, 2, 1), (4, 2, 1), (2, 1, 2), (2, 1, 3), (1, 1, 0)])
-def test_first_losses_agree_across_layouts(corpus, one_rank_losses, tmp_path, n, pp, zero):
-    _, data = corpus
-    run_job(n, "train", *_layout_args(data), "--out", tmp_path / "run", "--pp", pp, "--zero", zero)
-    ref = one_rank_losses
-    got = [r["loss"] for r in metrics(tmp_path / "run")]
-    print(f"PP {pp} x DP {n // pp}, ZeRO-{zero}: losses {got} vs {ref}")
+def check_first_losses(run, ref, layout):
+    """A run's first 4 losses are the one-rank reference's; a longer run shares them, since the learning rate
+    warms up over the first 5 steps whatever the total and each step's sequences depend on the step alone."""
+    got = [r["loss"] for r in metrics(run)][:4]
+    print(f"{layout}: losses {got} vs {ref}")
     assert len(got) == 4
     assert np.allclose(got, ref, rtol=1e-5, atol=0)
     assert got[-1] < got[0]
 
 
+# The two pipeline layouts (PP 2 and PP 2 x DP 2, ZeRO-1) are checked on the longer runs below, which
+# train on them anyway: one start of the 4-rank run instead of two.
+@pytest.mark.parametrize("n, pp, zero", [(2, 1, 2), (2, 1, 3), (1, 1, 0)])
+def test_first_losses_agree_across_layouts(corpus, one_rank_losses, tmp_path, n, pp, zero):
+    _, data = corpus
+    run_job(n, "train", *_layout_args(data), "--out", tmp_path / "run", "--pp", pp, "--zero", zero)
+    check_first_losses(tmp_path / "run", one_rank_losses, f"PP {pp} x DP {n // pp}, ZeRO-{zero}")
+
+
 # --- learning, export, resume ----------------------------------------------------------------
+
+
+# 60 steps on 2 pipeline stages, evaluated every 20; no checkpoint on the way (the signal test's is the signal's).
+PIPELINE = [*TINY, "--pp", "2", "--steps", "60", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=100",
+            "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(corpus, tmp_path_factory):
-    """60 steps under mpirun -n 2 --pp 2, evaluated every 20."""
+    """PIPELINE under mpirun -n 2, uninterrupted."""
     _, data = corpus
     run = tmp_path_factory.mktemp("pp2") / "run"
-    run_job(2, "train", *TINY, "--data", data, "--out", run, "--pp", "2", "--steps", "60",
-            "--set", "train.eval_every=20", "--quiet")
+    run_job(2, "train", *PIPELINE, "--data", data, "--out", run)
     return str(run)
+
+
+def test_first_losses_agree_under_a_pipeline(pipeline_run, one_rank_losses):
+    check_first_losses(pipeline_run, one_rank_losses, "PP 2 x DP 1, ZeRO-1")
 
 
 def test_validation_loss_falls_under_a_pipeline(pipeline_run, corpus):
@@ -124,11 +139,22 @@ def test_validation_loss_falls_under_a_pipeline(pipeline_run, corpus):
     assert glob.glob(os.path.join(pipeline_run, "tensorboard", "events.out.tfevents.*"))
 
 
-def test_validation_loss_falls_with_pipeline_and_data_parallel(corpus, tmp_path):
-    _, data = corpus
-    run_job(4, "train", *TINY, "--data", data, "--out", tmp_path / "run", "--pp", "2", "--steps", "40",
-            "--set", "train.eval_every=20", "--quiet")
-    val = [r["val_loss"] for r in metrics(tmp_path / "run") if r.get("val_loss") is not None]
+@pytest.fixture(scope="module")
+def pipeline_dp_run(corpus, tmp_path_factory):
+    """20 steps under mpirun -n 4 --pp 2 (two replicas of a 2-stage pipeline), evaluated every 10: the loss is
+    still falling fast there, so a shorter run shows learning as well as 40 steps did."""
+    run = tmp_path_factory.mktemp("pp2dp2") / "run"
+    run_job(4, "train", *TINY, "--data", corpus[1], "--out", run, "--pp", "2", "--steps", "20",
+            "--set", "train.eval_every=10", "--quiet")
+    return str(run)
+
+
+def test_first_losses_agree_with_pipeline_and_data_parallel(pipeline_dp_run, one_rank_losses):
+    check_first_losses(pipeline_dp_run, one_rank_losses, "PP 2 x DP 2, ZeRO-1")
+
+
+def test_validation_loss_falls_with_pipeline_and_data_parallel(pipeline_dp_run):
+    val = [r["val_loss"] for r in metrics(pipeline_dp_run) if r.get("val_loss") is not None]
     assert len(val) == 2 and val[1] < val[0]
 
 
@@ -155,8 +181,7 @@ def test_export_on_demand_from_the_last_checkpoint(pipeline_run, corpus, tmp_pat
     run = tmp_path / "copy"
     shutil.copytree(pipeline_run, run)
     os.remove(run / "final.h5")
-    run_job(2, "train", *TINY, "--data", corpus[1], "--out", run, "--pp", "2", "--steps", "60",
-            "--set", "train.eval_every=20", "--resume", "--export-only", "--quiet")
+    run_job(2, "train", *PIPELINE, "--data", corpus[1], "--out", run, "--resume", "--export-only")
     assert (run / "final.h5").read_bytes() == open(os.path.join(pipeline_run, "final.h5"), "rb").read()
 
 
@@ -184,20 +209,18 @@ def _interrupt(cmd, run, after_steps, how):
 
 # SIGUSR1 to one rank only: the others learn of it at the next step and all stop together. SIGTERM to
 # every rank (a preemption) is tested through Slurm's own `scontrol requeue` in test_slurm.py.
+# The uninterrupted run to equal is pipeline_run: the same flags, already run for the tests above.
 @pytest.mark.parametrize("how", ["usr1-one-rank"])
-def test_signal_checkpoint_and_resume_give_the_same_losses(corpus, tmp_path, how):
+def test_signal_checkpoint_and_resume_give_the_same_losses(corpus, pipeline_run, tmp_path, how):
     _, data = corpus
-    common = [*TINY, "--data", data, "--pp", "2", "--steps", "24", "--set", "train.eval_every=8",
-              "--set", "train.checkpoint_every=100", "--quiet"]
-    run_job(2, "train", *common, "--out", tmp_path / "whole")
     run = tmp_path / "cut"
-    cmd = [MPIRUN, "-n", "2", HPC, "train", *map(str, common), "--out", str(run), "--resume"]
+    cmd = [MPIRUN, "-n", "2", HPC, "train", *map(str, PIPELINE), "--data", data, "--out", str(run), "--resume"]
     code, err = _interrupt(cmd, run, 6, how)
     assert code == 0, err  # a signal is a clean stop: Slurm requeues, nothing failed
     done = len(metrics(run))
-    assert 6 <= done < 24 and "checkpoint saved" in err
+    assert 6 <= done < 60 and "checkpoint saved" in err
     run_job(2, *cmd[4:])
-    whole = [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(tmp_path / "whole")]
+    whole = [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(pipeline_run)]
     resumed = [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(run)]
     assert resumed == whole  # bit for bit in fp32
 

@@ -96,12 +96,20 @@ def layout_docs(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("layout") / "docs.jsonl", docs)
 
 
+@pytest.fixture(scope="module")
+def one_rank_layout_scores(model_dir, layout_docs, tmp_path_factory):
+    """The one-process records every layout must give."""
+    out = tmp_path_factory.mktemp("one-rank") / "one.jsonl"
+    score(1, model_dir, layout_docs, out, "--set", "score.chunk_docs=16")
+    return read_jsonl(out)
+
+
 @pytest.mark.parametrize("n, pp", [(2, 2), (2, 1), (4, 2), (4, 4)])
-def test_same_records_for_every_layout(model_dir, layout_docs, tmp_path, n, pp):
-    base = tmp_path / "one.jsonl"
-    score(1, model_dir, layout_docs, base, "--set", "score.chunk_docs=16")
-    score(n, model_dir, layout_docs, tmp_path / "many.jsonl", "--set", "score.chunk_docs=16", pp=pp)
-    a, b = read_jsonl(base), read_jsonl(tmp_path / "many.jsonl")
+def test_same_records_for_every_layout(model_dir, layout_docs, one_rank_layout_scores, tmp_path, n, pp):
+    p = score(n, model_dir, layout_docs, tmp_path / "many.jsonl", "--set", "score.chunk_docs=16", pp=pp)
+    if n == 2:  # --quiet under mpirun: not a line from either rank
+        assert p.stderr == "" and p.stdout == ""
+    a, b = one_rank_layout_scores, read_jsonl(tmp_path / "many.jsonl")
     assert [(r["index"], r["id"], r["n_tokens"]) for r in a] == [(r["index"], r["id"], r["n_tokens"]) for r in b]
     assert max(abs(x["loglik"] - y["loglik"]) for x, y in zip(a, b)) <= 1e-4
     summary = json.load(open(str(tmp_path / "many.jsonl") + ".summary.json"))
@@ -145,13 +153,11 @@ def test_text_files_directories_and_globs(model_dir, tmp_path):
     assert a[2]["n_tokens"] == 0
 
 
-def test_progress_bar_on_rank_0_only_and_quiet_mode(model_dir, layout_docs, tmp_path):
-    args = ["score", "--model", model_dir, "--input", layout_docs]
-    p = run_job(2, *args, "--output", tmp_path / "a.jsonl")
+# Quiet mode under mpirun (nothing on stdout or stderr) is checked on the 2-rank layout runs above.
+def test_progress_bar_on_rank_0_only(model_dir, layout_docs, tmp_path):
+    p = run_job(2, "score", "--model", model_dir, "--input", layout_docs, "--output", tmp_path / "a.jsonl")
     assert p.stderr.count("60/60") >= 1 and "hpc-llama [rank 0]: scored 60 documents" in p.stderr
     assert "[rank 1]" not in p.stderr
-    p = run_job(2, *args, "--output", tmp_path / "b.jsonl", "--quiet")
-    assert p.stderr == "" and p.stdout == ""
 
 
 # --- resume -------------------------------------------------------------------------

@@ -82,17 +82,32 @@ def test_greedy_equals_transformers_generate(model, reference, tmp_path, n, pp):
     assert summary["layout"]["pp"] == pp and len(summary["ranks"]) == n
 
 
-@pytest.mark.parametrize("n, pp", [(2, 1), (4, 2)])
-def test_seeded_sampling_is_the_same_on_every_layout(model, tmp_path, n, pp):
-    prompts = write_prompts(tmp_path / "p.jsonl")
-    common = ["--model", model, "--input", prompts, "--max-new-tokens", "16", "--temperature", "0.9",
-              "--top-k", "40", "--top-p", "0.95", "--seed", "7", "--quiet"]
-    generate(1, *common, "--output", tmp_path / "one.jsonl", "--batch-size", "2")
-    generate(n, *common, "--output", tmp_path / "many.jsonl", "--pp", pp, "--batch-size", "4")
-    a, b = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "many.jsonl")
-    assert len(a) == len(PROMPTS) and [r["tokens"] for r in a] == [r["tokens"] for r in b]
-    generate(1, *common[:-3], "--seed", "8", "--quiet", "--output", tmp_path / "other.jsonl")
+def _sampling_args(model, prompts, seed=7):
+    return ["--model", model, "--input", prompts, "--max-new-tokens", "16", "--temperature", "0.9",
+            "--top-k", "40", "--top-p", "0.95", "--seed", seed, "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def one_rank_samples(model, tmp_path_factory):
+    """Seeded sampling in one process: the prompts, and the tokens every layout must give."""
+    d = tmp_path_factory.mktemp("sampling")
+    prompts = write_prompts(d / "p.jsonl")
+    generate(1, *_sampling_args(model, prompts), "--output", d / "one.jsonl", "--batch-size", "2")
+    return prompts, read_jsonl(d / "one.jsonl")
+
+
+def test_another_seed_samples_other_tokens(model, one_rank_samples, tmp_path):
+    prompts, a = one_rank_samples
+    generate(1, *_sampling_args(model, prompts, seed=8), "--output", tmp_path / "other.jsonl")
     assert [r["tokens"] for r in read_jsonl(tmp_path / "other.jsonl")] != [r["tokens"] for r in a]
+
+
+@pytest.mark.parametrize("n, pp", [(2, 1), (4, 2)])
+def test_seeded_sampling_is_the_same_on_every_layout(model, one_rank_samples, tmp_path, n, pp):
+    prompts, a = one_rank_samples
+    generate(n, *_sampling_args(model, prompts), "--output", tmp_path / "many.jsonl", "--pp", pp, "--batch-size", "4")
+    b = read_jsonl(tmp_path / "many.jsonl")
+    assert len(a) == len(PROMPTS) and [r["tokens"] for r in a] == [r["tokens"] for r in b]
 
 
 def test_stop_strings_length_and_context_limits(model, reference, tmp_path):
@@ -154,7 +169,8 @@ def test_keep_fields_are_copied_into_each_record(model, tmp_path):
 
 
 def test_killed_job_resumes_to_byte_identical_output(model, tmp_path):
-    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 40)
+    # 10 steps of 14 prompts: the kill after 3 leaves most of the job to the rerun.
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 20)
     common = ["--model", model, "--input", prompts, "--pp", "2", "--max-new-tokens", "12", "--temperature", "0.7",
               "--seed", "3", "--set", "generate.chunk_docs=14", "--quiet"]
     generate(2, *common, "--output", tmp_path / "whole.jsonl")

@@ -103,11 +103,19 @@ def test_shared_context_is_computed_once(text_model, requests_file, tmp_path):
     assert packed < 0.7 * alone
 
 
+@pytest.fixture(scope="module")
+def one_rank_records(text_model, requests_file, tmp_path_factory):
+    """The one-process records every layout must give."""
+    out = tmp_path_factory.mktemp("one-rank") / "one.jsonl"
+    score(1, text_model, requests_file, out, "--set", "score.micro_batches=4")
+    return read_jsonl(out)
+
+
 @pytest.mark.parametrize("n, pp", [(2, 2), (2, 1), (4, 2)])
-def test_conditional_records_are_the_same_on_every_layout(text_model, requests_file, tmp_path, n, pp):
-    score(1, text_model, requests_file, tmp_path / "one.jsonl", "--set", "score.micro_batches=4")
+def test_conditional_records_are_the_same_on_every_layout(text_model, requests_file, one_rank_records, tmp_path,
+                                                          n, pp):
     score(n, text_model, requests_file, tmp_path / "many.jsonl", "--set", "score.micro_batches=4", pp=pp)
-    a, b = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "many.jsonl")
+    a, b = one_rank_records, read_jsonl(tmp_path / "many.jsonl")
     assert [(r["id"], r["n_tokens"], r.get("is_greedy")) for r in a] == \
         [(r["id"], r["n_tokens"], r.get("is_greedy")) for r in b]
     worst = max(abs(x["loglik"] - y["loglik"]) for x, y in zip(a, b))

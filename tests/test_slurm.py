@@ -59,16 +59,25 @@ def test_compress_template_on_two_nodes_writes_the_one_rank_bytes(slurm, scored_
     assert json.load(open(str(out) + ".summary.json"))["ranks"] == 2
 
 
-@pytest.mark.parametrize("template, needle", [("score", "MODEL: is required"), ("train", "CONFIG: is required"),
-                                              ("generate", "MODEL: is required"), ("merge", "OUTPUT: is required"),
-                                              ("score-scheduled", "MODEL: is required"),
-                                              ("compress", "MODEL: is required"), ("eval", "MODEL: is required")])
-def test_template_without_required_variables_fails_with_one_line(slurm, tmp_path, template, needle):
-    job = slurm.sbatch("-N", "1", "-n", "1", "--output", tmp_path / "job.out", "--export=ALL",
-                       os.path.join(ROOT, "slurm", f"{template}.sbatch"), env=SLURM_ENV)
-    info = slurm.wait(job)
+REQUIRED = [("score", "MODEL: is required"), ("train", "CONFIG: is required"), ("generate", "MODEL: is required"),
+            ("merge", "OUTPUT: is required"), ("score-scheduled", "MODEL: is required"),
+            ("compress", "MODEL: is required"), ("eval", "MODEL: is required")]
+
+
+@pytest.fixture(scope="module")
+def unconfigured_jobs(slurm, tmp_path_factory):
+    """Every template submitted without its variables, all at once (each job ends in its first lines, so the cluster
+    runs four at a time instead of waiting for one after another): template -> (job info, output lines)."""
+    d = tmp_path_factory.mktemp("unconfigured")
+    jobs = {t: slurm.sbatch("-N", "1", "-n", "1", "--output", d / f"{t}.out", "--export=ALL",
+                            os.path.join(ROOT, "slurm", f"{t}.sbatch"), env=SLURM_ENV) for t, _ in REQUIRED}
+    return {t: (slurm.wait(job), (d / f"{t}.out").read_text().strip().splitlines()) for t, job in jobs.items()}
+
+
+@pytest.mark.parametrize("template, needle", REQUIRED)
+def test_template_without_required_variables_fails_with_one_line(unconfigured_jobs, template, needle):
+    info, lines = unconfigured_jobs[template]
     assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("1:")
-    lines = (tmp_path / "job.out").read_text().strip().splitlines()
     assert len(lines) == 1 and needle in lines[0]
 
 

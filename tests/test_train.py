@@ -248,7 +248,7 @@ def test_lora_fine_tune_beats_the_base_model(pipeline_run, corpus, tmp_path):
     run_job(1, "prepare", "--input", tasks, "--output", sft, "--task", "--tokenizer", base, "--split", "0.8,0.2,0")
     run = tmp_path / "lora"
     run_job(2, "train", *TINY, "--data", sft, "--init", base, "--out", run, "--pp", "2", "--lora", "8",
-            "--steps", "30", "--set", "train.lr=0.01", "--set", "train.eval_every=15", "--quiet")
+            "--steps", "15", "--set", "train.lr=0.01", "--set", "train.eval_every=15", "--quiet")
     rows = metrics(run)
     assert rows[0]["step"] == 0  # the base model, before any step
     val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]

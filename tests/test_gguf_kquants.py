@@ -15,26 +15,18 @@ rounding without it: llama.cpp over its own dequantization of the file).
 """
 
 import hashlib
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from helpers.kquants import DATA, MANIFEST, kq
 from helpers.run import run_cli
 
 gguf = pytest.importorskip("gguf", reason="the gguf package reads llama.cpp files; it is in the default install")
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gguf")
-_spec = importlib.util.spec_from_file_location("make_kquants", os.path.join(DATA, "make_kquants.py"))
-kq = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = kq  # its dataclass looks its own module up there
-_spec.loader.exec_module(kq)
-with open(os.path.join(DATA, kq.MANIFEST)) as _f:
-    MANIFEST = json.load(_f)
 
 FILES = [(arch, ftype) for arch, m in kq.MODELS.items() for ftype in m.ftypes]
 

@@ -1,21 +1,16 @@
 """GGUF tensors are read in bounded pieces with pread: the same bits as a whole-tensor read, without the file's
 pages or whole-tensor temporaries staying in memory (benchmarks/gguf_convert_memory.py measures a 7B shape)."""
 
-import importlib.util
 import os
-import sys
 import tracemalloc
 
 import numpy as np
 import pytest
 
+from helpers.kquants import DATA, kq
+
 gguf = pytest.importorskip("gguf", reason="the gguf package reads llama.cpp files; it is in the default install")
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gguf")
-_spec = importlib.util.spec_from_file_location("make_kquants", os.path.join(DATA, "make_kquants.py"))
-kq = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = kq  # its dataclass looks its own module up there
-_spec.loader.exec_module(kq)
 LLAMA = kq.MODELS["llama"]
 # Every fixture llama.cpp quantized, and the llama source unquantized (F32, F16): Q/K rows permuted or not,
 # q/k/v biases (qwen2), q/k norms (qwen3), all ten K-quant mixes.

@@ -221,20 +221,21 @@ def test_same_numbers_as_lm_eval_on_the_embedded_smollm2(task_dir, tmp_path):
     # Ours reads the GGUF and evaluates in a process of its own (one thread) while transformers reads the GGUF
     # here (mostly Python, one core): side by side they take about as long as transformers alone.
     args = eval_args("smollm2-135m", [task_dir / f"{n}.yaml" for n in names], out, limit=4)
-    ours = subprocess.Popen([HPC, *map(str, args)], cwd=ROOT, env=dict(os.environ, DS_ACCELERATOR="cpu", **ONE_THREAD),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "ours.log"
+    with open(log, "w") as f:
+        ours = subprocess.Popen([HPC, *map(str, args)], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, DS_ACCELERATOR="cpu", **ONE_THREAD))
     try:
         reader = open_checkpoint("smollm2-135m")
         where, name = os.path.dirname(reader.path), os.path.basename(reader.path)
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
         tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(reader.asset("tokenizer.json").decode()),
                                       bos_token="<|im_start|>", eos_token="<|im_end|>")
-        _, err = ours.communicate(timeout=RUN_TIMEOUT)
+        assert ours.wait(timeout=RUN_TIMEOUT) == 0, log.read_text()
     finally:
         if ours.poll() is None:
             ours.kill()
             ours.wait()
-    assert ours.returncode == 0, err
     samples = read_jsonl(f"{out}.samples.jsonl")
     ref = lm_eval_reference(model, tok, task_dir, 0, 4, names)
     # 30 layers in fp32: both sides round differently (lm-eval pads batches, sums in fp32), by up to ~1e-4 on a

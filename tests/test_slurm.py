@@ -161,13 +161,7 @@ def test_train_template_survives_requeue_and_signal(slurm, corpus, tmp_path):
     flags = [*TINY, "--pp", "2", "--steps", str(steps), "--set", "train.global_batch=64", "--set",
              "train.micro_batch=16", "--set", "train.eval_every=8", "--set", "train.checkpoint_every=0", "--quiet"]
     env = dict(SLURM_ENV, OMP_NUM_THREADS="1")  # one thread per rank on both sides: bit-for-bit comparable
-    # The uninterrupted run to compare with goes on beside the Slurm job, at the lowest priority: it takes the
-    # CPUs while Slurm stops and requeues the job (6 s each time), not while the job's ranks start and train.
-    with open(tmp_path / "whole.log", "w") as log:
-        whole = subprocess.Popen(["nice", "-n", "19", os.path.join(BIN, "mpirun"), "-n", "2",
-                                  os.path.join(BIN, "hpc-llama"), "train", *flags, "--data", data, "--out",
-                                  str(tmp_path / "whole")], cwd=ROOT, env=dict(os.environ, **env), stdout=log,
-                                 stderr=subprocess.STDOUT)
+    whole = None
     try:
         run = tmp_path / "run"
         job = slurm.sbatch("-N", "2", "--ntasks-per-node=1", "--chdir", ROOT, "--output", tmp_path / "job.out",
@@ -175,13 +169,19 @@ def test_train_template_survives_requeue_and_signal(slurm, corpus, tmp_path):
                            env=dict(env, CONFIG="tiny-train", DATA=data, OUT=str(run), TRAIN_ARGS=" ".join(flags[2:])))
         _wait_for_steps(slurm, job, run, 4)
         slurm.run("scontrol", "requeue", job)  # as a preemption does: SIGTERM to every task, then back in the queue
+        # The uninterrupted run to compare with starts now, beside the Slurm job: Slurm takes about 6 s to put a
+        # requeued job back on its nodes, twice, and those CPUs would otherwise wait.
+        with open(tmp_path / "whole.log", "w") as out:
+            whole = subprocess.Popen([os.path.join(BIN, "mpirun"), "-n", "2", os.path.join(BIN, "hpc-llama"), "train",
+                                      *flags, "--data", data, "--out", str(tmp_path / "whole")], cwd=ROOT,
+                                     env=dict(os.environ, **env), stdout=out, stderr=subprocess.STDOUT)
         _wait_for_steps(slurm, job, run, 12)
         assert slurm.job(job).get("Restarts") == "1"
         slurm.run("scancel", "--signal=USR1", job)  # as the time limit's --signal=USR1@300 does
         info = slurm.wait(job, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
         assert whole.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()
     finally:
-        if whole.poll() is None:
+        if whole is not None and whole.poll() is None:
             whole.terminate()  # mpirun passes it on to the ranks
             whole.wait(timeout=60)
     log = (tmp_path / "job.out").read_text()

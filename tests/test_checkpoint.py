@@ -276,3 +276,18 @@ def test_inspect_reports_stages_and_verifies(h5_path):
     assert [st["layers"] for st in s["stages"]] == [[0, 2], [2, 4]]
     assert s["parameters"] == sum(int(np.prod(v)) for v in [open_checkpoint(h5_path).info(n).shape
                                                              for n in open_checkpoint(h5_path).names()])
+
+
+@pytest.mark.parametrize("extra, window, layers", [
+    ({}, 12, (2, 3)),  # the window on the layers from max_window_layers up
+    ({"use_sliding_window": False}, None, None),  # every released Qwen2.5
+    ({"max_window_layers": 28}, None, None),  # no layer that high: none slides
+    ({"layer_types": ["sliding_attention", "full_attention"] * 2}, 12, (0, 2)),  # layer_types win
+])
+def test_qwen_sliding_window_settings_read_as_hf_reads_them(hf_dirs, extra, window, layers):
+    from hpc_llama.checkpoint.hf import model_config_from_hf
+
+    saved = json.load(open(os.path.join(hf_dirs["qwen2"], "config.json")))
+    saved.pop("layer_types")  # transformers writes the list it derived; without it the rule derives it
+    cfg = model_config_from_hf({**saved, **extra})
+    assert (cfg.sliding_window, cfg.sliding_layers) == (window, layers)

@@ -132,12 +132,14 @@ def _sliding(hf: dict, kind: str, n_layers, source: str) -> tuple[int | None, tu
         first = hf.get("max_window_layers", family["max_window_layers"])
         if not isinstance(first, int) or isinstance(first, bool) or not isinstance(n_layers, int):
             raise HpcLlamaError(f"{source}: max_window_layers must be an integer, got {shown(first)}")
-        return window, tuple(range(max(first, 0), n_layers))
+        layers = tuple(range(max(first, 0), n_layers))
+        return (window, layers) if layers else (None, None)  # Qwen2.5's configs: every layer below max_window_layers
     if (not isinstance(types, list) or len(types) != n_layers
             or not all(t in ("full_attention", "sliding_attention") for t in types)):
         raise HpcLlamaError(f"{source}: layer_types {shown(types)} is not one of full_attention or "
                             f"sliding_attention per layer (only these are supported)")
-    return window, tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return (window, layers) if layers else (None, None)
 
 
 def model_config_from_hf(hf: dict, source: str = "model config") -> ModelConfig:

@@ -25,6 +25,7 @@ import json
 import mmap
 import os
 import struct
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -43,8 +44,8 @@ _LAYER_PARTS = {
     "attn_norm": "attention_norm", "ffn_norm": "ffn_norm", "attn_q_norm": "attention.q_norm",
     "attn_k_norm": "attention.k_norm",
 }
-# general.architecture -> our model_type.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# general.architecture values read; each is also our model_type (llama.cpp writes Mistral as llama).
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _TOP = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 
 # Kept as stored; anything else listed here is dequantized to float32.
@@ -205,7 +206,7 @@ def llama3_scaling(cfg: ModelConfig, factors: np.ndarray) -> dict | None:
     """
     from ..model.llama import rope_frequencies
 
-    base = rope_frequencies(ModelConfig(**{**cfg.__dict__, "rope_scaling": None})).double().numpy()
+    base = rope_frequencies(replace(cfg, rope_scaling=None)).double().numpy()
     if not np.all(np.isfinite(factors)) or not np.all(factors > 0):
         raise ValueError("the factors must be positive and finite")
     if np.allclose(factors, 1.0, rtol=0, atol=1e-6):
@@ -228,12 +229,12 @@ def llama3_scaling(cfg: ModelConfig, factors: np.ndarray) -> dict | None:
         # scaled one gives these factors (unscaled below old / high, scaled above old / low).
         above = 4 * float(wavelength[factors <= 1 + 1e-6].max(initial=0.0))
         below = float(wavelength[factors >= factor * (1 - 1e-6)].min())
-        old = 8192 if above < 8192 < below else np.ceil(below) - 1 if above < np.ceil(below) - 1 else (above + below) / 2
+        old = next((c for c in (8192, np.ceil(below) - 1) if above < c < below), (above + below) / 2)
     old = int(round(old)) if abs(old - round(old)) <= 1e-5 * old else float(old)  # fp32 factors: 31.9999993
     scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
                "high_freq_factor": high, "original_max_position_embeddings": old}
     try:
-        got = rope_frequencies(ModelConfig(**{**cfg.__dict__, "rope_scaling": scaling})).double().numpy()
+        got = rope_frequencies(replace(cfg, rope_scaling=scaling)).double().numpy()
     except InvalidModelConfig:  # the fit gave no valid band
         got = None
     if got is None or not np.allclose(got, base / factors, rtol=1e-5, atol=0):
@@ -336,7 +337,7 @@ class GGUFCheckpoint(TableReader):
                 tie_embeddings="output.weight" not in self._infos,
                 attention_bias=attention_bias, qkv_bias=qkv_bias and not attention_bias,
                 mlp_bias=has("layers.0.feed_forward.w1.bias"), qk_norm=has("layers.0.attention.q_norm.weight"),
-                model_type=ARCHITECTURES[self.arch],
+                model_type=self.arch,
                 bos_id=self.tokenizer.get("bos_token_id"), eos_ids=self._eos_ids())
         except InvalidModelConfig as e:
             keys = {**{k: key(v) for k, v in _GGUF_KEYS.items()}, **_TOKEN_KEYS}
@@ -348,7 +349,7 @@ class GGUFCheckpoint(TableReader):
                 raise HpcLlamaError(f"{self.path}: both {key('rope.scaling.type')} and rope_freqs scale the rope")
             factors = self._rope_factors(rope_freqs, cfg)
             try:
-                cfg = ModelConfig(**{**cfg.__dict__, "rope_scaling": llama3_scaling(cfg, factors)})
+                cfg = replace(cfg, rope_scaling=llama3_scaling(cfg, factors))
             except (InvalidModelConfig, ValueError) as e:
                 raise HpcLlamaError(f"{self.path}: rope_freqs: {e}") from None
         return cfg

@@ -265,14 +265,10 @@ class ChatTokenizer:
 
     @classmethod
     def from_checkpoint(cls, reader, tokenizer: Tokenizer) -> ChatTokenizer:
-        import json
+        from .tokenizer import json_asset
 
-        raw = reader.asset("tokenizer_config.json")
-        try:
-            config = json.loads(raw) if raw else {}
-        except (ValueError, RecursionError):
-            raise HpcLlamaError("the checkpoint's tokenizer_config.json is not JSON") from None
-        template = config.get("chat_template") if isinstance(config, dict) else None
+        config = json_asset(reader, "tokenizer_config.json") or {}
+        template = config.get("chat_template")
         if not template or not isinstance(template, str):
             raise HpcLlamaError("--chat: the checkpoint has no chat template (tokenizer_config.json chat_template)")
         special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}

@@ -39,6 +39,22 @@ class Tokenizer:
         return self.tok.token_to_id(token)
 
 
+def json_asset(reader, filename: str) -> dict | None:
+    """A JSON object the checkpoint carries beside its tokenizer (tokenizer_config.json, ...); None if absent."""
+    import json
+
+    raw = reader.asset(filename)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise HpcLlamaError(f"the checkpoint's {filename} is not JSON") from None
+    if not isinstance(value, dict):
+        raise HpcLlamaError(f"the checkpoint's {filename} is not a JSON object")
+    return value
+
+
 def _token_text(value):
     # tokenizer_config.json writes a special token as its text, or as an AddedToken object ({"content": ...}).
     if isinstance(value, dict):
@@ -55,18 +71,10 @@ def declared_specials(reader, tokenizer: Tokenizer | None) -> dict | None:
     transformers puts before a prompt: Qwen's config names a BOS its tokenizer never uses
     (tokenizer_config.json says `"bos_token": null`), and a GGUF says `add_bos_token` itself.
     """
-    import json
-
-    raw = reader.asset("tokenizer_config.json")
-    if raw is None or tokenizer is None:
+    config = json_asset(reader, "tokenizer_config.json")
+    if config is None or tokenizer is None:
         return None
-    try:
-        config = json.loads(raw)
-        extra = json.loads(reader.asset("special_tokens_map.json") or b"{}")
-    except ValueError:
-        raise HpcLlamaError("the checkpoint's tokenizer_config.json or special_tokens_map.json is not JSON") from None
-    if not isinstance(config, dict) or not isinstance(extra, dict):
-        raise HpcLlamaError("the checkpoint's tokenizer_config.json is not a JSON object")
+    extra = json_asset(reader, "special_tokens_map.json") or {}
     out = {}
     for role in ("bos", "eos"):
         key = f"{role}_token"

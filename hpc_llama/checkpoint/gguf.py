@@ -270,7 +270,7 @@ class GGUFCheckpoint(TableReader):
         # never through the reader's memory map, whose pages would stay in our RSS once touched (reading
         # every tensor would make the whole file resident).
         self._stored, infos, rope_freqs = {}, {}, None
-        self._fd = None
+        self._fd = self._assets = None
         for t in self._r.tensors:
             name = our_name(t.name)
             if name is None and t.name == "rope_freqs.weight" and arch == "llama":
@@ -435,6 +435,13 @@ class GGUFCheckpoint(TableReader):
             yield (slice(r, r + n) if len(shape) >= 2 else ...), piece
 
     def assets(self) -> dict[str, bytes]:
+        # Built once: a job asks for several of these files (tokenizer, its config, the chat template),
+        # and rebuilding the tokenizer from a large vocabulary takes a fraction of a second each time.
+        if self._assets is None:
+            self._assets = self._build_assets()
+        return self._assets
+
+    def _build_assets(self) -> dict[str, bytes]:
         tok = self.tokenizer
         if not tok.get("tokens"):
             return {}

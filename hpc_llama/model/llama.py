@@ -338,6 +338,9 @@ class Embedding(nn.Embedding):
             super().reset_parameters()
 
 
+_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, device=None):
         super().__init__()
@@ -345,56 +348,128 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x):
-        # Normalise in fp32 whatever the weights' dtype, as the reference does.
+        # Normalise in fp32 whatever the weights' dtype, as the reference does; torch's own
+        # rms_norm gives the same bits in one call instead of five.
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if _RMS_NORM:
+            h = F.rms_norm(h, (h.shape[-1],), None, self.eps)
+        else:
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
 
 class KVCache:
-    """Keys and values of one layer: slot s of a row holds position s."""
+    """Keys and values of one layer: slot s of a row holds position s.
+
+    `rows` gives a view of some rows; every view writes into the whole cache (`base`).
+    """
 
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, device=None, dtype=None):
         shape = (batch, max_len, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.base, self.first, self.row_ids = self, 0, None
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, T, kv, hd) at their positions; return the filled prefix."""
-        if int(positions.max()) >= self.k.shape[1]:
-            raise ValueError(f"position {int(positions.max())} is past the cache length {self.k.shape[1]}")
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[rows, positions] = k
-        self.v[rows, positions] = v
+    def locate(self, positions: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Where tokens at `positions` (B, T) go: their flat slots in the whole cache, and the filled
+        length after them. The same for every layer of a step, so a trunk asks once."""
         used = int(positions.max()) + 1
+        length = self.base.k.shape[1]
+        if used > length:
+            raise ValueError(f"position {used - 1} is past the cache length {length}")
+        rows = self.row_ids
+        if rows is None:
+            rows = torch.arange(self.first, self.first + positions.shape[0], device=positions.device)
+        return (rows[:, None] * length + positions).reshape(-1), used
+
+    def update(self, where: tuple[torch.Tensor, int], k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, T, kv, hd) at the slots `locate` gave; return the filled prefix of these rows."""
+        slots, used = where
+        whole = self.base
+        # One copy per tensor into the flat (rows x length) view: no index grid built per layer.
+        whole.k.view(-1, *whole.k.shape[2:]).index_copy_(0, slots, k.reshape(-1, *k.shape[2:]))
+        whole.v.view(-1, *whole.v.shape[2:]).index_copy_(0, slots, v.reshape(-1, *v.shape[2:]))
+        if self.row_ids is not None:
+            return whole.k[self.row_ids, :used], whole.v[self.row_ids, :used]
         return self.k[:, :used], self.v[:, :used]
 
-    def rows(self, rows):
-        """This cache restricted to some rows: a slice is a view (no copy); a tensor of row ids
-        writes through to them and reads a gathered copy."""
+    def rows(self, rows: slice | torch.Tensor) -> KVCache:
+        """This cache restricted to some rows: contiguous rows (a slice) are read through a view,
+        without a copy; a tensor of row ids reads a gathered copy."""
+        if self.base is not self:
+            raise ValueError("rows are taken from a whole cache")
+        view = KVCache.__new__(KVCache)
+        view.base, view.row_ids = self, None
         if isinstance(rows, slice):
-            view = KVCache.__new__(KVCache)
-            view.k, view.v = self.k[rows], self.v[rows]
-            return view
-        return _RowsOf(self, rows)
-
-
-class _RowsOf:
-    def __init__(self, cache: KVCache, rows: torch.Tensor):
-        self.cache, self.row_ids = cache, rows
-
-    def update(self, positions, k, v):
-        if int(positions.max()) >= self.cache.k.shape[1]:
-            raise ValueError(f"position {int(positions.max())} is past the cache length {self.cache.k.shape[1]}")
-        idx = self.row_ids[:, None]
-        self.cache.k[idx, positions] = k
-        self.cache.v[idx, positions] = v
-        used = int(positions.max()) + 1
-        return self.cache.k[self.row_ids, :used], self.cache.v[self.row_ids, :used]
+            start, stop, step = rows.indices(self.k.shape[0])
+            if step != 1:
+                raise ValueError("a cache view takes contiguous rows")
+            view.k, view.v, view.first = self.k[start:stop], self.v[start:stop], start
+        else:
+            view.k = view.v = None
+            view.first, view.row_ids = 0, rows
+        return view
 
 
 # torch >= 2.5 lets SDPA share KV heads among query heads itself.
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def fuse(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None, tuple] | None:
+    """One weight (and bias) for projections that read the same input, so a step runs one matmul
+    instead of several: (weight, bias, the parameters it stands for), or None where it cannot
+    (an adapter, a quantized or factorised projection, weights on different devices or dtypes).
+
+    Weights stacked by rows are one tensor already when they lie side by side in memory (a
+    slice loaded so); otherwise they are copied into one and each parameter becomes a view of
+    its rows, so the memory stays the same and an in-place change of one shows in the other.
+    """
+    if not all(type(m) is Linear for m in modules):
+        return None
+    weights = [m.weight for m in modules]
+    biases = [m.bias for m in modules]
+    if (len({(w.device, w.dtype, w.shape[1]) for w in weights}) != 1 or weights[0].device.type == "meta"
+            or len({b is None for b in biases}) != 1):
+        return None
+    weight = _stacked(weights)
+    bias = None if biases[0] is None else _stacked(biases)
+    if weight is None or (biases[0] is not None and bias is None):
+        with torch.no_grad():
+            weight, bias = torch.cat(weights), None if biases[0] is None else torch.cat(biases)
+        rows = 0
+        for m in modules:
+            n = m.weight.shape[0]
+            m.weight = nn.Parameter(weight[rows:rows + n], requires_grad=m.weight.requires_grad)
+            if bias is not None:
+                m.bias = nn.Parameter(bias[rows:rows + n], requires_grad=m.bias.requires_grad)
+            rows += n
+    return weight.detach(), None if bias is None else bias.detach(), tuple(m.weight for m in modules)
+
+
+def _stacked(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor the parts are consecutive rows of, as a view, or None if they are not side by side."""
+    first = parts[0]
+    if not all(p.is_contiguous() for p in parts) or len({p.untyped_storage().data_ptr() for p in parts}) != 1:
+        return None
+    at = first.data_ptr()
+    for p in parts:
+        if p.data_ptr() != at:
+            return None
+        at += p.numel() * p.element_size()
+    rows = sum(p.shape[0] for p in parts)
+    return first.as_strided((rows, *first.shape[1:]), first.stride()).detach()
+
+
+def _fused_or_none(fused, modules) -> tuple | None:
+    # A fused weight is used only while it still stands for the modules' own parameters (a
+    # parameter replaced after fusing, e.g. by an adapter, falls back to the separate matmuls),
+    # and not where gradients are wanted: the parameters, not the fused view, are what training updates.
+    if fused is None or torch.is_grad_enabled():
+        return None
+    for p, m in zip(fused[2], modules):
+        if getattr(m, "weight", None) is not p:
+            return None
+    return fused
 
 
 class Attention(nn.Module):
@@ -406,24 +481,39 @@ class Attention(nn.Module):
                 setattr(self, name[10:], projection(cfg, f"layers.{layer}.{name}", *shape, device=device))
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, device) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, device) if cfg.qk_norm else None
+        self.qkv = None
 
-    def forward(self, x, cos, sin, mask, positions, cache: KVCache | None):
+    def fuse_projections(self) -> bool:
+        self.qkv = fuse([self.wq, self.wk, self.wv])
+        return self.qkv is not None
+
+    def forward(self, x, cos, sin, mask, where, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = _fused_or_none(self.qkv, (self.wq, self.wk, self.wv))
+        if qkv is not None:
+            heads = F.linear(x, qkv[0], qkv[1]).view(B, T, H + 2 * KV, hd)
+            q, k, v = heads.split((H, KV, KV), dim=2)
+        else:
+            q = self.wq(x).view(B, T, H, hd)
+            k = self.wk(x).view(B, T, KV, hd)
+            v = self.wv(x).view(B, T, KV, hd)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        elif qkv is not None:
+            # The query and key heads are side by side: one rotation for both.
+            q, k = apply_rotary(heads[:, :, :H + KV], cos, sin).split((H, KV), dim=2)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(positions, k, v)  # (B, S, kv, hd)
+            k, v = cache.update(where, k, v)  # (B, S, kv, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, hd)
         gqa = {}
-        if self.n_kv_heads != self.n_heads:
+        if KV != H:
             if _SDPA_GQA:
                 gqa = {"enable_gqa": True}  # shares each KV head among its query heads without copying
             else:
-                rep = self.n_heads // self.n_kv_heads
+                rep = H // KV
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
@@ -439,8 +529,17 @@ class FeedForward(nn.Module):
         for name, shape in cfg.projections(layer).items():
             if name.startswith("feed_forward."):
                 setattr(self, name[13:], projection(cfg, f"layers.{layer}.{name}", *shape, device=device))
+        self.w13 = None
+
+    def fuse_projections(self) -> bool:
+        self.w13 = fuse([self.w1, self.w3])
+        return self.w13 is not None
 
     def forward(self, x):
+        w13 = _fused_or_none(self.w13, (self.w1, self.w3))
+        if w13 is not None:
+            gate, up = F.linear(x, w13[0], w13[1]).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -452,8 +551,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
         self.feed_forward = FeedForward(cfg, layer, device)
 
-    def forward(self, x, cos, sin, mask, positions, cache=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, positions, cache)
+    def forward(self, x, cos, sin, mask, where, cache=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, where, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -486,6 +585,15 @@ class Transformer(nn.Module):
                 and isinstance(self.output, nn.Linear)):  # a quantized pair shares its packed table itself
             self.output.weight = self.tok_embeddings.weight
 
+    def fuse_projections(self) -> int:
+        """Inference: compute each layer's q/k/v and gate/up projections as one matmul each.
+
+        The parameters keep their names and values (the checkpoint format does not change);
+        training, and any projection replaced later, use the separate ones. Returns the number
+        of groups fused.
+        """
+        return sum(int(m.fuse_projections()) for m in self.modules() if isinstance(m, (Attention, FeedForward)))
+
     @property
     def layer_ids(self) -> list[int]:
         return [int(k) for k in self.layers]
@@ -515,10 +623,16 @@ class Transformer(nn.Module):
         # No distance reaches the window below it (the first position is 0): the full mask serves.
         if any(cfg.slides(i) for i in self.layer_ids) and int(positions.max()) >= cfg.sliding_window:
             window = attention_mask(positions, key_mask, cached, False, segments, cfg.sliding_window)
+        # SDPA turns a boolean mask into an additive one in every call; once here serves every layer.
+        same = window is mask
+        mask = _additive(mask, h.dtype)
+        window = mask if same else _additive(window, h.dtype)
         cos, sin = rotary_tables(cfg, positions, h.dtype)
+        # Where this step's keys and values go: the same slots in every layer's cache.
+        where = next(iter(cache.values())).locate(positions) if cache else None
         for key, layer in self.layers.items():
             layer_mask = window if cfg.slides(int(key)) else mask
-            h = layer(h, cos, sin, layer_mask, positions, None if cache is None else cache[key])
+            h = layer(h, cos, sin, layer_mask, where, None if cache is None else cache[key])
         return h
 
     def head(self, h):
@@ -529,6 +643,13 @@ class Transformer(nn.Module):
         """Logits (B, T, vocab) if this slice has the head, else hidden states (B, T, dim)."""
         h = self.trunk(x, positions, key_mask, cache)
         return h if self.output is None else self.head(h)
+
+
+def _additive(mask, dtype):
+    """A boolean mask as the additive one SDPA makes of it (0 where allowed, -inf elsewhere)."""
+    if mask is None:
+        return None
+    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
 def _is_plain(positions, key_mask, cache, segments=None) -> bool:

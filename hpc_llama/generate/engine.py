@@ -41,6 +41,7 @@ class RingGenerator:
                          first=self.replica, last=(pp - 1) * dp + self.replica, device=self.device, dtype=dtype)
         self.groups = group_bounds(cfg.batch_size, cfg.groups or pp)
         self.cache = model.new_cache(cfg.batch_size, capacity, self.device, dtype)
+        self._views: dict[tuple[int, int], dict] = {}
         self.busy_s = 0.0
         # The last stage's view of a step: its prompts, the sequence in each slot, the finished records.
         self.prompts: dict[int, Prompt] = {}
@@ -101,10 +102,14 @@ class RingGenerator:
         t0 = time.perf_counter()
         rows = work.rows
         if work.kind == Kind.DECODE:
-            view = slice(rows[0], rows[-1] + 1)  # a whole group: contiguous slots, no copy
+            # A whole group: contiguous slots, read through views made once per group.
+            span = (rows[0], rows[-1] + 1)
+            cache = self._views.get(span)
+            if cache is None:
+                cache = self._views[span] = {k: c.rows(slice(*span)) for k, c in self.cache.items()}
         else:
             view = torch.tensor(rows, device=self.device)
-        cache = {k: c.rows(view) for k, c in self.cache.items()}
+            cache = {k: c.rows(view) for k, c in self.cache.items()}
         with torch.inference_mode():
             h = self.model.trunk(x, work.positions.to(self.device), cache=cache)
         self.busy_s += time.perf_counter() - t0

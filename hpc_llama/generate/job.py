@@ -128,6 +128,7 @@ def _engine(job, capacity):
     plan = stage_plans(reader.config, parallel)[stage]
     dtype = resolve_dtype(parallel.dtype, info.device)
     model = load_slice(reader, plan.layers, plan.embed, plan.head, info.device, dtype)
+    model.fuse_projections()  # q/k/v and gate/up as one matmul each
     return RingGenerator(model, info, parallel.pp, cfg, job.tokenizer, reader.config.eos_ids, capacity, dtype)
 
 

@@ -62,6 +62,7 @@ def build_pipeline(reader: CheckpointReader, info: RankInfo, parallel: ParallelC
     plan = stage_plans(reader.config, parallel)[stage]
     dtype = dtype or resolve_dtype(parallel.dtype, info.device)
     model = load_slice(reader, plan.layers, plan.embed, plan.head, info.device, dtype, stats=load_stats)
+    model.fuse_projections()  # forward passes only: q/k/v and gate/up as one matmul each
     layers = [PipeStage(model, head_fn, segmented) if s == stage else f"stage {s} (built on its own ranks)"
               for s in range(parallel.pp)]
     dp = info.world_size // parallel.pp

@@ -73,6 +73,7 @@ class Scorer:
             from ..checkpoint.slices import load_slice
 
             model = load_slice(reader, device=info.device, dtype=self.dtype, stats=load)
+            model.fuse_projections()  # q/k/v and gate/up as one matmul each
             self.engine, self.model, self.last = None, model, True
         else:
             self.engine, plan, _ = build_pipeline(reader, info, parallel, micro_batch=1, head_fn=score_head,

@@ -1,20 +1,25 @@
-"""Generation throughput: our KV-cache ring against transformers' generate, and 2 stages against 1.
+"""Generation throughput: our KV-cache ring against transformers' generate and llama.cpp, and 2 stages against 1.
 
-    python benchmarks/generate.py [--new-tokens 64] [--repeats 3] [--out benchmarks/results/generate.json]
+    python benchmarks/generate.py [--new-tokens 64] [--repeats 3] [--models bench-100m,smollm2-135m]
+                                  [--out benchmarks/results/generate.json]
 
-One process, in turns, on the same ~100M-parameter random Llama (bench-100m,
-fp32), greedy, 8 prompts of 24-120 tokens, each continued by exactly
---new-tokens tokens (no EOS):
-  ours       RingGenerator, 1 rank: batch 8 (all prompts in 8 slots) and batch 1
-             (one prompt at a time);
-  reference  LlamaForCausalLM.generate(do_sample=False): batch 8 left-padded
-             with an attention mask, and batch 1.
+One process, in turns, per model: bench-100m (a ~100M-parameter random Llama)
+and the embedded SmolLM2-135M (its GGUF dequantized), fp32, greedy, 8 prompts
+of 24-120 tokens, each continued by exactly --new-tokens tokens (no EOS):
+  ours        RingGenerator, 1 rank: batch 8 (all prompts in 8 slots) and
+              batch 1 (one prompt at a time);
+  reference   LlamaForCausalLM.generate(do_sample=False): batch 8 left-padded
+              with an attention mask, and batch 1;
+  llama.cpp   batch 1, the same weights written as an f32 GGUF (f32 KV cache),
+              through llama-cpp-python when it is installed (not needed by CI:
+              `pip install llama-cpp-python` builds llama.cpp for this CPU), one
+              eval call per token and the argmax of its logits.
 New tokens/s counts generated tokens over wall time, prefill included; each
-side runs --repeats times in turns and the median counts. Both
-produce the same tokens (checked, batch 1). Then `hpc-llama generate` on 2
-ranks as a 2-stage pipeline against the 1-rank job, with each stage's
-utilisation (time computing / wall time).
-Goal (issue #6): ours / reference >= 1.0 at batch 8.
+side runs --repeats times in turns and the median counts. Ours and the
+reference must produce the same tokens (checked at both batch sizes). Then,
+on bench-100m, `hpc-llama generate` on 2 ranks as a 2-stage pipeline against
+the 1-rank job, with each stage's utilisation (time computing / wall time).
+Goals (issue #18): batch 1 >= 1.0x llama.cpp, batch 8 >= 2.5x the reference.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ import numpy as np
 import torch
 
 from common import ROOT, save_result  # noqa: E402  (benchmarks/common.py, beside this script)
+
+GGUF_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+              "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up",
+              "feed_forward.w2": "ffn_down", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
 
 
 def ours(model, info, prompts, new_tokens, batch, capacity):
@@ -67,6 +76,86 @@ def reference(model, prompts, new_tokens, batch):
     return time.perf_counter() - t0, out
 
 
+def write_f32_gguf(path, model) -> None:
+    """Our weights as llama.cpp's converter writes an f32 llama GGUF: its names, its Q/K row order, a tied
+    head left out. No vocabulary: the benchmark gives llama.cpp token ids."""
+    import gguf
+
+    cfg = model.cfg
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("no_vocab")
+
+    def permute(a, heads):  # llama.cpp rotates adjacent pairs; HF's layout rotates halves
+        return a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+    for name, t in model.state_dict().items():
+        a = t.detach().float().numpy()
+        if name == "tok_embeddings.weight":
+            out = "token_embd.weight"
+        elif name == "norm.weight":
+            out = "output_norm.weight"
+        elif name == "output.weight":
+            if cfg.tie_embeddings:
+                continue
+            out = "output.weight"
+        else:
+            _, layer, *part, kind = name.split(".")
+            part = ".".join(part)
+            out = f"blk.{layer}.{GGUF_NAMES[part]}.{kind}"
+            if part == "attention.wq":
+                a = permute(a, cfg.n_heads)
+            elif part == "attention.wk":
+                a = permute(a, cfg.n_kv_heads)
+        w.add_tensor(out, np.ascontiguousarray(a, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_cpp_runner(path, capacity, threads):
+    """A function generating greedily with llama.cpp (batch 1), or None when llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    # f32 keys and values as ours (llama.cpp's default cache is f16)
+    llm = llama_cpp.Llama(path, n_ctx=capacity, n_batch=512, n_threads=threads, n_threads_batch=threads, type_k=0, type_v=0,
+                verbose=False)
+
+    vocab = llm.n_vocab()
+
+    def run(prompts, new_tokens):
+        t0 = time.perf_counter()
+        out = []
+        for p in prompts:
+            llm.reset()
+            llm.eval(p)
+            tokens = []
+            while True:
+                last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)  # the binding keeps no logits itself
+                tokens.append(int(np.argmax(np.ctypeslib.as_array(last, shape=(vocab,)))))
+                if len(tokens) == new_tokens:
+                    break
+                llm.eval(tokens[-1:])
+            out.append(tokens)
+        return time.perf_counter() - t0, out
+
+    run.close = llm.close
+    return run
+
+
 def job(n, pp, model_path, prompts_path, out, new_tokens):
     bin_dir = os.path.dirname(sys.executable)
     subprocess.run([os.path.join(bin_dir, "mpirun"), "-n", str(n), os.path.join(bin_dir, "hpc-llama"), "generate",
@@ -79,65 +168,104 @@ def job(n, pp, model_path, prompts_path, out, new_tokens):
             "utilisation": [r["utilisation"] for r in s["ranks"]]}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3, help="runs of each side, in turns; the median counts")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "generate.json"))
-    args = ap.parse_args()
-
-    from transformers import LlamaForCausalLM
-
+def load_model(name: str, tmp: str):
+    """(our model, a transformers copy's directory, the checkpoint path): bench-100m freshly initialised, or the
+    embedded SmolLM2 (its GGUF dequantized to fp32)."""
     from hpc_llama.checkpoint import open_checkpoint
     from hpc_llama.checkpoint.h5 import write_checkpoint
     from hpc_llama.checkpoint.hf import write_hf
     from hpc_llama.checkpoint.slices import load_slice
     from hpc_llama.checkpoint.views import InitReader
     from hpc_llama.config import load_sections
-    from hpc_llama.parallel.ranks import RankInfo
+    from hpc_llama.embedded import resolve
 
-    # No EOS: every prompt gets exactly --new-tokens tokens on both sides.
-    cfg = load_sections("bench-100m", ["model.eos_ids=[]"])["model"]
-    tmp = tempfile.mkdtemp(prefix="hpc-llama-gen-bench-")
-    path, hf = os.path.join(tmp, "m.h5"), os.path.join(tmp, "hf")
-    write_checkpoint(path, InitReader(cfg, seed=0))
+    hf = os.path.join(tmp, f"{name}-hf")
+    if name == "bench-100m":
+        cfg = load_sections("bench-100m", ["model.eos_ids=[]"])["model"]  # no EOS: every prompt gets its tokens
+        path = os.path.join(tmp, "bench-100m.h5")
+        write_checkpoint(path, InitReader(cfg, seed=0))
+    else:
+        path = resolve(name)
     with open_checkpoint(path) as r:
         write_hf(hf, r)
-        model = load_slice(r)
+        model = load_slice(r, dtype=torch.float32)
+    model.fuse_projections()  # as `hpc-llama generate` does
+    return model, hf, path
+
+
+def compare(name, args, tmp, info):
+    from transformers import LlamaForCausalLM
+
+    model, hf, path = load_model(name, tmp)
+    cfg = model.cfg
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, cfg.vocab_size, int(n)).tolist() for n in rng.integers(24, 121, 8)]
-    prompts_path = os.path.join(tmp, "p.jsonl")
-    with open(prompts_path, "w") as f:
-        for p in prompts:
-            f.write(json.dumps({"input_ids": p}) + "\n")
     ref_model = LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    info = RankInfo()
     capacity = max(len(p) for p in prompts) + args.new_tokens
-    ours(model, info, prompts[:2], 4, 2, capacity)  # warm-up, both sides
+    ours(model, info, prompts[:2], 4, 2, capacity)  # warm-up, every side
     reference(ref_model, prompts[:2], 4, 2)
+    gguf_path = os.path.join(tmp, f"{name}-f32.gguf")
+    write_f32_gguf(gguf_path, model)
+    llama = llama_cpp_runner(gguf_path, capacity, torch.get_num_threads())
+    if llama is not None:
+        llama(prompts[:1], 4)
 
-    rows = {}
+    rows = {"parameters": cfg.n_params, "prompt_tokens": [len(p) for p in prompts]}
+    total = len(prompts) * args.new_tokens
     for batch in (8, 1):
-        times = {"ours": [], "reference": []}
-        for _ in range(args.repeats):  # in turns, so a slow spell of the machine hits both sides
+        sides = {"ours": [], "reference": []} | ({"llama_cpp": []} if llama and batch == 1 else {})
+        for _ in range(args.repeats):  # in turns, so a slow spell of the machine hits every side
             o_s, o_tok = ours(model, info, prompts, args.new_tokens, batch, capacity)
             r_s, r_tok = reference(ref_model, prompts, args.new_tokens, batch)
-            times["ours"].append(o_s)
-            times["reference"].append(r_s)
-        o_s, r_s = float(np.median(times["ours"])), float(np.median(times["reference"]))
-        total = len(prompts) * args.new_tokens
-        rows[f"batch_{batch}"] = {"ours_tokens_per_s": round(total / o_s, 1), "reference_tokens_per_s": round(total / r_s, 1),
-                                  "ours_vs_reference": round(r_s / o_s, 3),
-                                  "same_tokens": o_tok == r_tok}
-    del ref_model, model
-    one = job(1, 1, path, prompts_path, os.path.join(tmp, "g1.jsonl"), args.new_tokens)
-    two = job(2, 2, path, prompts_path, os.path.join(tmp, "g2.jsonl"), args.new_tokens)
-    two["vs_1_rank"] = round(two["new_tokens_per_s"] / one["new_tokens_per_s"], 3)
-    result = {"benchmark": "generate", "parameters": cfg.n_params, "prompts": len(prompts),
-              "prompt_tokens": [len(p) for p in prompts], "new_tokens_each": args.new_tokens,
-              "threads": torch.get_num_threads(), **rows, "job_1_rank": one, "job_pp2": two,
-              "note": "the 1-rank job runs 2 torch threads, each of the 2 pipeline ranks 1: the same 2 cores",
-              "goals": {"ours_vs_reference_batch_8": 1.0}}
+            sides["ours"].append(o_s)
+            sides["reference"].append(r_s)
+            if "llama_cpp" in sides:
+                l_s, l_tok = llama(prompts, args.new_tokens)
+                sides["llama_cpp"].append(l_s)
+        med = {k: float(np.median(v)) for k, v in sides.items()}
+        row = {f"{k}_tokens_per_s": round(total / v, 1) for k, v in med.items()}
+        row["ours_vs_reference"] = round(med["reference"] / med["ours"], 3)
+        row["same_tokens_as_reference"] = o_tok == r_tok
+        if "llama_cpp" in med:
+            row["ours_vs_llama_cpp"] = round(med["llama_cpp"] / med["ours"], 3)
+            # llama.cpp rounds differently (its own f32 kernels): a random model's near-ties can part ways
+            row["llama_cpp_tokens_equal_to_ours"] = round(
+                float(np.mean([a == b for x, y in zip(o_tok, l_tok) for a, b in zip(x, y)])), 3)
+        rows[f"batch_{batch}"] = row
+    if llama is not None:
+        llama.close()
+    else:
+        rows["llama_cpp"] = "not installed (pip install llama-cpp-python)"
+    return rows, path, prompts
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each side, in turns; the median counts")
+    ap.add_argument("--models", default="bench-100m,smollm2-135m")
+    ap.add_argument("--no-jobs", action="store_true", help="skip the 1-rank / 2-stage job comparison")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "generate.json"))
+    args = ap.parse_args()
+
+    from hpc_llama.parallel.ranks import RankInfo
+
+    tmp = tempfile.mkdtemp(prefix="hpc-llama-gen-bench-")
+    info = RankInfo()
+    result = {"benchmark": "generate", "new_tokens_each": args.new_tokens, "threads": torch.get_num_threads()}
+    for name in args.models.split(","):
+        result[name], path, prompts = compare(name, args, tmp, info)
+        if name == "bench-100m" and not args.no_jobs:
+            prompts_path = os.path.join(tmp, "p.jsonl")
+            with open(prompts_path, "w") as f:
+                for p in prompts:
+                    f.write(json.dumps({"input_ids": p}) + "\n")
+            one = job(1, 1, path, prompts_path, os.path.join(tmp, "g1.jsonl"), args.new_tokens)
+            two = job(2, 2, path, prompts_path, os.path.join(tmp, "g2.jsonl"), args.new_tokens)
+            two["vs_1_rank"] = round(two["new_tokens_per_s"] / one["new_tokens_per_s"], 3)
+            result["job_1_rank"], result["job_pp2"] = one, two
+    result["note"] = "the 1-rank job runs 2 torch threads, each of the 2 pipeline ranks 1: the same 2 cores"
+    result["goals"] = {"ours_vs_llama_cpp_batch_1": 1.0, "ours_vs_reference_batch_8": 2.5, "pp2_vs_1_rank": 0.9}
     save_result(result, args.out)
 
 

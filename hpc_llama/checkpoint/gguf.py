@@ -106,8 +106,8 @@ def read_header(path: str) -> tuple[dict, list[StoredTensor]]:
     Values are what the gguf package's `GGUFReader(path).fields[key].contents()` gives for the same file
     (int, float, bool, str, or a list of them; a text that is not UTF-8 reads as None), but only the header
     is read, in one walk, and an array of numbers becomes a list in one step rather than an object per entry:
-    the package takes 3-7 s over SmolLM2's 49152-token vocabulary and twice that over Qwen2's 151936, this a
-    few hundredths of a second. It also believes every count (an array claiming 2**63 entries past the end
+    the package takes about 2 s over SmolLM2's 49,152-token vocabulary and 6-10 s over Qwen2's 151,936, this
+    0.05 s and 0.15 s. The package also believes every count (an array claiming 2**63 entries past the end
     of the file keeps it looping and allocating), and so would we without the checks.
     """
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType

@@ -96,21 +96,30 @@ class _Parser(argparse.ArgumentParser):
         raise HpcLlamaError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(jobs=tuple(JOBS)) -> argparse.ArgumentParser:
+    """The command line, with the arguments of the subcommands in `jobs` (default all). Only their modules
+    are imported; the others are listed with their one-line help, so `hpc-llama --help` imports no job
+    module and a run imports its own (which imports torch only once it runs), not all of them."""
     parser = _Parser(prog="hpc-llama", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"hpc-llama {__version__}")
     sub = parser.add_subparsers(dest="job", metavar="JOB", required=True, parser_class=_Parser)
-    for name, (module, help_text) in JOBS.items():
-        job = importlib.import_module(f"hpc_llama.{module}")
-        p = sub.add_parser(name, help=help_text, description=job.__doc__,
+    for name, (path, help_text) in JOBS.items():
+        if name not in jobs:
+            sub.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(f"hpc_llama.{path}")
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        job.add_arguments(p)
-        p.set_defaults(_run=job.run)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
     return parser
 
 
 def _main(argv):
-    args = build_parser().parse_args(argv)
+    # The top level has no option that takes a value, so the first word that is not an option names the
+    # job (or nothing: --help, --version, a usage error).
+    job = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser([job] if job in JOBS else []).parse_args(argv)
     return args._run(args)
 
 

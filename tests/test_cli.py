@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 
-from helpers.run import run_cli
+from helpers.run import HPC, ROOT, run_cli
 
 # Subcommands that write an output someone may want replaced, and those that report as they go.
 WRITERS = ("convert", "init", "score", "merge", "generate", "prepare", "train", "compress", "demo")
@@ -24,6 +26,30 @@ def test_every_subcommand_is_listed_with_help():
     from hpc_llama.cli import JOBS
 
     assert set(_subparsers()) == set(JOBS) >= set(WRITERS) | {"inspect", "check"}
+
+
+def _imported_by(*argv):
+    """The modules a fresh `hpc-llama ARGV` imports (the console script itself, under -X importtime)."""
+    p = subprocess.run([sys.executable, "-X", "importtime", HPC, *argv], capture_output=True, text=True, cwd=ROOT,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    return {line.rsplit("|", 1)[1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_help_imports_no_torch():
+    # Asking what the commands are must not cost a torch import (seconds on a busy login node).
+    from hpc_llama.cli import JOBS
+
+    imported = _imported_by("--help")
+    assert "hpc_llama.cli" in imported
+    assert not {"torch", "numpy", "deepspeed"} & imported
+    assert not {f"hpc_llama.{module}" for module, _ in JOBS.values()} & imported  # nor any job's module
+
+
+@pytest.mark.parametrize("job", ["inspect", "score", "eval", "train", "compress", "generate"])
+def test_job_help_imports_no_torch(job):
+    imported = _imported_by(job, "--help")
+    assert not {"torch", "deepspeed"} & imported
 
 
 @pytest.mark.parametrize("job", WRITERS)

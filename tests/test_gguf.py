@@ -310,3 +310,74 @@ def test_rope_freqs_of_no_llama3_scaling_are_refused():
     factors = np.linspace(1, 8, 32)[::-1].copy()  # scales the short wavelengths most: not llama3's shape
     with pytest.raises(ValueError, match="match no llama3 rope scaling"):
         llama3_scaling(cfg, factors)
+
+
+def _as_the_gguf_package_reads_it(path):
+    def contents(field):
+        try:
+            return field.contents()
+        except UnicodeDecodeError:
+            return None
+
+    r = gguf.GGUFReader(str(path))
+    meta = {k: contents(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    table = [(t.name, tuple(int(d) for d in t.shape), t.tensor_type, t.data_offset, t.n_bytes) for t in r.tensors]
+    return meta, table
+
+
+def _every_value_type(path, endianess):
+    T = gguf.GGUFValueType
+    w = gguf.GGUFWriter(str(path), "llama", endianess=endianess)
+    scalars = {T.UINT8: 255, T.INT8: -128, T.UINT16: 65535, T.INT16: -32768, T.UINT32: 2**32 - 1, T.INT32: -2**31,
+               T.FLOAT32: 0.1, T.BOOL: True, T.UINT64: 2**64 - 1, T.INT64: -2**63, T.FLOAT64: 1e-300}
+    for kind, v in scalars.items():
+        w.add_key_value(f"test.{kind.name.lower()}", v, kind)
+        w.add_key_value(f"test.{kind.name.lower()}s", [v, v if kind == T.BOOL else 0, v], T.ARRAY, sub_type=kind)
+    w.add_string("test.text", "héllo ▁ wörld 🦙")
+    w.add_key_value("test.not_utf8", b"caf\xe9", T.STRING)
+    w.add_array("test.texts", ["", "a", "▁the", "<|im_end|>"])
+    w.add_key_value("test.texts_not_utf8", ["ok", b"\xff"], T.ARRAY, sub_type=T.STRING)
+    w.add_uint32("general.alignment", 64)
+    w.add_tensor("token_embd.weight", np.arange(64 * 8, dtype=np.float32).reshape(8, 64))
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float32))
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(np.ones((4, 64), np.float32), q8), raw_dtype=q8)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+_DATA = os.path.join(os.path.dirname(__file__), "data")
+_DATA_FILES = sorted(os.path.join(_DATA, "gguf", f) for f in os.listdir(os.path.join(_DATA, "gguf"))
+                     if f.endswith(".gguf"))
+
+
+@pytest.mark.parametrize("source", ["little", "big", "spm-vocab", *map(os.path.basename, _DATA_FILES)])
+def test_header_reads_as_the_gguf_package_does(tmp_path, source):
+    """read_header gives the gguf package's values for every key (same Python types), and its tensor table:
+    on files of every value type in both byte orders, llama.cpp's K-quant files, and a real vocabulary."""
+    import lzma
+
+    from hpc_llama.checkpoint.gguf import read_header
+
+    if source in ("little", "big"):
+        path = _every_value_type(tmp_path / "v.gguf", gguf.GGUFEndian[source.upper()])
+    elif source == "spm-vocab":
+        path = tmp_path / "spm.gguf"
+        vocab = os.path.join(_DATA, "gguf-vocab", "ggml-vocab-llama-spm.gguf.xz")
+        path.write_bytes(lzma.decompress(open(vocab, "rb").read()))
+    else:
+        path = next(p for p in _DATA_FILES if os.path.basename(p) == source)
+    meta, tensors = read_header(str(path))
+    want_meta, want_table = _as_the_gguf_package_reads_it(path)
+    assert list(meta) == list(want_meta)
+    for key, value in want_meta.items():
+        assert meta[key] == value and type(meta[key]) is type(value), key
+        if isinstance(value, list):
+            assert [type(v) for v in meta[key]] == [type(v) for v in value], key
+    assert [(t.name, t.dims, t.kind, t.offset, t.nbytes) for t in tensors] == want_table
+    if source in ("little", "big"):
+        assert meta["test.not_utf8"] is None and meta["test.texts_not_utf8"] is None
+        assert meta["test.float32"] == float(np.float32(0.1)) and meta["test.uint64s"] == [2**64 - 1, 0, 2**64 - 1]

@@ -38,7 +38,7 @@ def vocab(request, tmp_path_factory):
     and llama.cpp's expected ids for its test strings."""
     from transformers import AutoTokenizer, Qwen2Tokenizer
 
-    from hpc_llama.checkpoint.gguf import _tokenizer_fields
+    from hpc_llama.checkpoint.gguf import _tokenizer_fields, read_header
 
     name = f"ggml-vocab-{request.param}.gguf"
     # The class AutoTokenizer picks for the file. For a qwen2 file AutoTokenizer first reads the whole config
@@ -46,7 +46,7 @@ def vocab(request, tmp_path_factory):
     reference = {"llama-spm": AutoTokenizer, "qwen2": Qwen2Tokenizer}[request.param]
     where = tmp_path_factory.mktemp(request.param)
     (where / name).write_bytes(lzma.decompress((DATA / f"{name}.xz").read_bytes()))
-    tok = _tokenizer_fields(gguf.GGUFReader(str(where / name)), name)
+    tok = _tokenizer_fields(read_header(str(where / name))[0], name)
     texts, expected = read_vocab_tests(name)
     spec = rebuilt(tok)
     return SimpleNamespace(name=request.param, tok=tok, texts=texts, expected=expected, spec=json.loads(spec),
@@ -138,10 +138,10 @@ def test_bos_and_eos_where_the_file_asks(tokenizer_json, tmp_path, flags):
     adds nothing unless asked); hpc_llama encodes without it and adds BOS itself."""
     from transformers import AutoTokenizer
 
-    from hpc_llama.checkpoint.gguf import _tokenizer_fields
+    from hpc_llama.checkpoint.gguf import _tokenizer_fields, read_header
 
     path = write_vocab_gguf(tmp_path / "v.gguf", json.loads(open(tokenizer_json).read()), **flags)
-    tok = _tokenizer_fields(gguf.GGUFReader(str(path)), str(path))
+    tok = _tokenizer_fields(read_header(str(path))[0], str(path))
     ours = Tokenizer(rebuilt(tok), len(tok["tokens"]))
     ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="v.gguf")
     for text in ("def main():\n    pass", "", "<s>x</s>"):

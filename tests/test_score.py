@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -114,6 +115,20 @@ def test_same_records_for_every_layout(model_dir, layout_docs, one_rank_layout_s
     assert max(abs(x["loglik"] - y["loglik"]) for x, y in zip(a, b)) <= 1e-4
     summary = json.load(open(str(tmp_path / "many.jsonl") + ".summary.json"))
     assert summary["layout"] == {"ranks": n, "pp": pp, "dp": n // pp, "device": "cpu", "dtype": "float32"}
+
+
+@pytest.mark.parametrize("n, pp", [(1, 1), (2, 2)])
+def test_summary_says_how_long_each_rank_took_to_start(model_dir, layout_docs, tmp_path, n, pp):
+    """first_forward_s: seconds from a rank's process start (interpreter and imports included) to its first
+    forward; the summary's own is the last rank's."""
+    out = tmp_path / "s.jsonl"
+    began = time.monotonic()
+    score(n, model_dir, layout_docs, out, pp=pp)
+    elapsed = time.monotonic() - began
+    summary = json.load(open(str(out) + ".summary.json"))
+    starts = [r["first_forward_s"] for r in summary["ranks"]]
+    assert len(starts) == n and all(0 < s < elapsed for s in starts), (starts, elapsed)
+    assert summary["first_forward_s"] == max(starts)
 
 
 def test_parquet_and_hdf5_hold_the_same_records(model_dir, mixed_docs, tmp_path):

@@ -19,6 +19,7 @@ import torch
 from ..errors import HpcLlamaError
 from ..model.quantized import check_group, dequantize, quantize, scheme_attrs
 from ..parallel.collectives import recv_activations, send_activations
+from . import PROJECTIONS
 from .methods import (
     channels_to_keep,
     check_fraction,
@@ -42,7 +43,6 @@ METHODS = {
     "lowrank": "replace each projection by two factors of --rank, or of the smallest rank keeping --energy",
 }
 QUANT_METHODS = {"int8": "int8-channel", "int4": "int4-group", "gptq": "int4-group"}
-PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 # Which activation feeds each projection (one statistic serves the projections that share an input).
 INPUT_OF = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "attn_out",
             "w1": "ffn_in", "w3": "ffn_in", "w2": "ffn_mid"}

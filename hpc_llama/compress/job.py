@@ -26,7 +26,7 @@ from __future__ import annotations
 
 def add_arguments(p):
     from ..cli import add_overwrite_argument, add_quiet_argument, finite_float
-    from .chain import PROJECTIONS
+    from . import PROJECTIONS
 
     p.add_argument("--model", required=True, help="checkpoint to compress (.h5, sharded, HF, GGUF or smollm2-135m)")
     p.add_argument("--output", required=True, help="compressed checkpoint, one .h5 file")
@@ -128,7 +128,8 @@ def _compress(args, comm, info, steps, targets, calibrated, t_start) -> int:
 def _plan(args):
     """The chain of methods, the projections it applies to, and whether it calibrates; every flag checked."""
     from ..errors import HpcLlamaError
-    from .chain import PROJECTIONS, plan_steps
+    from . import PROJECTIONS
+    from .chain import plan_steps
 
     methods = [m.strip() for spec in args.method for m in spec.split(",") if m.strip()]
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())

@@ -27,7 +27,7 @@ LAYOUT_FREE = ["score.micro_batches=4"]
 def add_arguments(p):
     from ..batchjob import add_closing_arguments
     from ..cli import non_negative_int, positive_int
-    from .tasks import DEFAULT_FEWSHOT_SEED
+    from . import DEFAULT_FEWSHOT_SEED
 
     p.add_argument("--model", required=True, help="checkpoint: .h5, sharded directory, HF directory, GGUF file, "
                    "or smollm2-135m")

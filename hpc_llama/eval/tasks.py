@@ -23,6 +23,7 @@ from jinja2.exceptions import TemplateError, UndefinedError
 
 from ..chat import BoundedSandbox, Limit
 from ..errors import HpcLlamaError
+from . import DEFAULT_FEWSHOT_SEED
 from .data import read_split, read_utf8, said
 from .metrics import DEFAULT_METRICS, METRICS, PAIR_AGGREGATIONS, PAIR_METRICS, SCALAR_AGGREGATIONS
 
@@ -32,8 +33,6 @@ OUTPUT_TYPES = tuple(METRICS)
 # here (lm-eval itself knows only json).
 FORMATS = ("json", "jsonl", "parquet", "csv")
 """dataset_path values read: the names of lm-eval's (Hugging Face datasets') loaders for local files."""
-DEFAULT_FEWSHOT_SEED = 1234
-"""lm-eval's default fewshot seed (simple_evaluate's fewshot_random_seed, lm_eval.defaults.DEFAULT_OTHER_SEED)."""
 TEMPLATE_SECONDS = 5.0
 """Longest one rendering of a task's Jinja template may take."""
 TEMPLATE_CHARS = 1 << 20

@@ -111,6 +111,11 @@ def score_documents(job, scorer, fields, total: int, first: int = 0, keep_fields
             job.commit(lines, dict(totals, **stats), totals["tokens"])
 
 
+def _latest(times):
+    times = list(times)
+    return None if None in times else max(times)
+
+
 def _rounded(x):
     return x if x is None else round(x, 3)
 
@@ -208,6 +213,8 @@ def _summary(job, scorer, ranks, shard) -> dict:
         # What else decides a record's bytes; `merge` refuses parts that differ in it.
         "options": {k: journal.fingerprint["options"][k] for k in ("score", "dtype")},
         "model": job.model_summary(), "inputs": job.inputs_summary("documents"), "ranks": ranks,
+        # Seconds from the start of the last rank's process to its first forward: what starting cost.
+        "first_forward_s": _latest(r["first_forward_s"] for r in ranks),
     }
     if shard:
         summary["shard"] = shard

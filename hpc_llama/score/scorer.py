@@ -17,7 +17,7 @@ from ..config import ParallelConfig, ScoreConfig
 from ..errors import HpcLlamaError
 from ..parallel.collectives import gather_array
 from ..parallel.layout import stage_and_replica
-from ..procstats import peak_rss
+from ..procstats import peak_rss, seconds_since_start
 from ..tokenizer import prefix_and_bos, tokenize_requests
 from .plan import ContinuationTooLong, call_tensors, dummy_call, plan_calls, replica_rounds, request_rows, score_head
 
@@ -83,15 +83,18 @@ class Scorer:
         self.load_stats = {"rank": info.rank, "stage": self.stage, "replica": self.replica,
                            "layers": [plan.layers.start, plan.layers.stop], "load_s": load["seconds"],
                            "model_bytes_read": load["bytes_read"]}
+        self.first_forward_s = None
 
     def rank_stats(self) -> list[dict] | None:
         """Every rank's load statistics and peak memory, on rank 0."""
-        mine = dict(self.load_stats, peak_rss=peak_rss())
+        mine = dict(self.load_stats, peak_rss=peak_rss(), first_forward_s=self.first_forward_s)
         return self.comm.gather(mine, root=0)
 
     # --- running -------------------------------------------------------------
 
     def _forward(self, batches):
+        if self.first_forward_s is None:  # how long this rank took to start: a summary field
+            self.first_forward_s = seconds_since_start()
         if self.engine is None:
             with torch.inference_mode():
                 return [score_head(self.model, self.model.trunk(b[0], b[1], segments=b[2]), b) for b in batches]

@@ -136,6 +136,108 @@ def test_kv_cache_rows_of_different_lengths_decode_together(hf_dirs):
             assert (got - alone).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["llama2", "tied", *FAMILIES])
+def test_fused_projections_give_the_same_bits(name, hf_dirs):
+    # One matmul for q/k/v (with Qwen2's biases, beside Qwen3's q/k norms) and one for gate/up:
+    # the same numbers as the separate projections, full forward and KV-cache decode alike (to the
+    # last bits only: the matmul library may block a wider output differently).
+    reader = open_checkpoint(hf_dirs[name])
+    plain, fused = load_slice(reader), load_slice(reader)
+    assert fused.fuse_projections() == 2 * reader.config.n_layers
+    x = tokens(320, 2, 30, seed=4)
+    with torch.inference_mode():
+        assert (plain(x) - fused(x)).abs().max() <= 1e-5
+        caches = plain.new_cache(2, 40), fused.new_cache(2, 40)
+        for m, c in zip((plain, fused), caches):
+            m(x[:, :20], positions=torch.arange(20).expand(2, 20), cache=c)
+        for t in range(20, 30):
+            pos = torch.full((2, 1), t)
+            step = plain(x[:, t:t + 1], pos, cache=caches[0]), fused(x[:, t:t + 1], pos, cache=caches[1])
+            assert (step[0] - step[1]).abs().max() <= 1e-5
+
+
+def test_fused_weights_share_the_parameters_memory(hf_dirs):
+    model = load_slice(open_checkpoint(hf_dirs["llama2"]))
+    attn, ffn = model.layers["0"].attention, model.layers["0"].feed_forward
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.fuse_projections()
+    # Each parameter is now rows of the one weight, with its own values, under its own name.
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name])
+    w = attn.qkv[0]
+    assert attn.wq.weight.data_ptr() == w.data_ptr() and attn.wv.weight.data_ptr() < w.data_ptr() + w.nbytes
+    assert ffn.w3.weight.data_ptr() == ffn.w13[0].data_ptr() + ffn.w1.weight.nbytes
+    # An in-place change of a parameter (a merged adapter, say) is what the fused matmul computes with.
+    x = tokens(320, 1, 12, seed=6)
+    with torch.no_grad():
+        ffn.w3.weight.mul_(2)
+        attn.wk.weight.add_(0.01)
+        with torch.inference_mode():
+            got = model(x)
+        model.layers["0"].attention.qkv = model.layers["0"].feed_forward.w13 = None
+        want = model(x)
+    assert torch.equal(got, want)
+
+
+def test_fused_weight_is_one_tensor_when_the_rows_lie_side_by_side():
+    from hpc_llama.model.llama import Linear, fuse
+
+    block = torch.randn(12, 8)
+    parts = [Linear(8, n, bias=False) for n in (4, 6, 2)]
+    rows = 0
+    for lin, n in zip(parts, (4, 6, 2)):
+        lin.weight = torch.nn.Parameter(block[rows:rows + n])
+        rows += n
+    weight, bias, _ = fuse(parts)
+    assert weight.data_ptr() == block.data_ptr() and weight.shape == (12, 8) and bias is None
+    assert parts[1].weight.data_ptr() == block[4].data_ptr()  # nothing was copied or re-pointed
+
+
+def test_fused_projections_step_aside_for_training_and_replaced_modules(hf_dirs):
+    from hpc_llama.model.lora import add_lora
+
+    reader = open_checkpoint(hf_dirs["llama2"])
+    model = load_slice(reader)
+    model.fuse_projections()
+    x = tokens(320, 1, 10, seed=7)
+    # With gradients on, the parameters themselves take part (their grads are filled).
+    model(x).sum().backward()
+    assert model.layers["0"].attention.wq.weight.grad is not None
+    assert model.layers["0"].feed_forward.w3.weight.grad is not None
+    # An adapter replaces wq after fusing: its B is made non-zero, and the output must follow it.
+    add_lora(model, rank=2, alpha=4.0, targets=("wq",))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.fill_(0.05)
+        with torch.inference_mode():
+            fused_out = model(x)
+        for block in model.layers.values():
+            block.attention.qkv = None
+        assert torch.equal(fused_out, model(x))
+        assert not torch.equal(fused_out, load_slice(reader)(x))
+
+
+def test_cache_views_write_through_to_the_whole_cache(hf_dirs):
+    # Rows picked by a slice (a decode group) and by ids (a prefill into free slots) decode as a whole cache.
+    model = load_slice(open_checkpoint(hf_dirs["llama2"]))
+    x = tokens(320, 4, 14, seed=8)
+    with torch.no_grad():
+        whole = model.new_cache(4, 16)
+        model(x[:, :12], positions=torch.arange(12).expand(4, 12), cache=whole)
+        want = model(x[:, 12:13], positions=torch.full((4, 1), 12), cache=whole)
+        cache = model.new_cache(4, 16)
+        ids = {k: c.rows(torch.tensor([3, 0])) for k, c in cache.items()}
+        model(x[[3, 0], :12], positions=torch.arange(12).expand(2, 12), cache=ids)
+        model(x[[1, 2], :12], positions=torch.arange(12).expand(2, 12),
+              cache={k: c.rows(torch.tensor([1, 2])) for k, c in cache.items()})
+        got = model(x[2:4, 12:13], positions=torch.full((2, 1), 12),
+                    cache={k: c.rows(slice(2, 4)) for k, c in cache.items()})
+        assert (got - want[2:4]).abs().max() <= 1e-5
+        with pytest.raises(ValueError, match="past the cache length"):
+            model(x[:, :1], positions=torch.full((4, 1), 16), cache=cache)
+
+
 @pytest.mark.parametrize("pp", [2, 4])
 @pytest.mark.parametrize("name", ["llama3", "tied", "qwen2", "qwen3"])
 def test_chained_slices_equal_whole_model(name, pp, hf_dirs):

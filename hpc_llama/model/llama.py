@@ -417,7 +417,7 @@ _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 def fuse(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None, tuple] | None:
     """One weight (and bias) for projections that read the same input, so a step runs one matmul
-    instead of several: (weight, bias, the parameters it stands for), or None where it cannot
+    instead of several: (weight, bias, the (module, weight) pairs it stands for), or None where it cannot
     (an adapter, a quantized or factorised projection, weights on different devices or dtypes).
 
     Weights stacked by rows are one tensor already when they lie side by side in memory (a
@@ -443,7 +443,7 @@ def fuse(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None, t
             if bias is not None:
                 m.bias = nn.Parameter(bias[rows:rows + n], requires_grad=m.bias.requires_grad)
             rows += n
-    return weight.detach(), None if bias is None else bias.detach(), tuple(m.weight for m in modules)
+    return weight.detach(), None if bias is None else bias.detach(), tuple((m, m.weight) for m in modules)
 
 
 def _stacked(parts: list[torch.Tensor]) -> torch.Tensor | None:
@@ -466,8 +466,8 @@ def _fused_or_none(fused, modules) -> tuple | None:
     # and not where gradients are wanted: the parameters, not the fused view, are what training updates.
     if fused is None or torch.is_grad_enabled():
         return None
-    for p, m in zip(fused[2], modules):
-        if getattr(m, "weight", None) is not p:
+    for (module, weight), m in zip(fused[2], modules):
+        if m is not module or m.weight is not weight:
             return None
     return fused
 

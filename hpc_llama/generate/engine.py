@@ -38,7 +38,8 @@ class RingGenerator:
         self.stage, self.replica = stage_and_replica(info.rank, info.world_size, pp)
         self.first, self.last = self.stage == 0, self.stage == pp - 1
         self.link = Link(prev=(self.stage - 1) * dp + self.replica, next=(self.stage + 1) * dp + self.replica,
-                         first=self.replica, last=(pp - 1) * dp + self.replica, device=self.device, dtype=dtype)
+                         first=self.replica, last=(pp - 1) * dp + self.replica, device=self.device, dtype=dtype,
+                         slots=cfg.batch_size)
         self.groups = group_bounds(cfg.batch_size, cfg.groups or pp)
         self.cache = model.new_cache(cfg.batch_size, capacity, self.device, dtype)
         self._views: dict[tuple[int, int], dict] = {}

@@ -7,10 +7,12 @@ They travel over torch.distributed point to point: the hidden states live on
 the device, where NCCL moves them GPU to GPU, and isend lets a stage start its
 next group while the last one is still on the wire.
 
-On the wire, to the next stage: a header [kind, group, B, T, D, prefill], the
-positions (B, T), for a prefill the slot rows, lengths and prompt indices (3, B),
-for a decode the slot span [lo, hi), then the hidden states (B, T, D) when D > 0.
-Back to stage 0: the tokens, then the statuses, of the B rows.
+On the wire, to the next stage: one control message of a fixed size (the
+header [kind, group, B, T, D, prefill], then for a decode each row's position
+and the slot span [lo, hi), for a prefill the slot rows, lengths and prompt
+indices), for a prefill its positions (B, T), then the hidden states (B, T, D)
+when D > 0 -- a decode step is two messages. Back to stage 0: the tokens, then
+the statuses, of the B rows.
 """
 
 from __future__ import annotations
@@ -69,11 +71,16 @@ SENDS_IN_FLIGHT = 64  # unfinished isends kept before the oldest is waited for
 
 
 class Link:
-    """This rank's connections in its replica's ring: to the next stage, from the previous, and back to stage 0."""
+    """This rank's connections in its replica's ring: to the next stage, from the previous, and back to stage 0.
 
-    def __init__(self, prev: int, next: int, first: int, last: int, device, dtype):
+    `slots` is the replica's batch size, the most rows a pass can have: it fixes the control message's size,
+    so a receiver knows it before anything else arrives.
+    """
+
+    def __init__(self, prev: int, next: int, first: int, last: int, device, dtype, slots: int):
         self.prev, self.next, self.first, self.last = prev, next, first, last
         self.device, self.dtype = device, dtype
+        self.control = HEADER + 3 * slots
         self._sends: deque = deque()
 
     def _isend(self, t: torch.Tensor, dest: int) -> None:
@@ -84,19 +91,19 @@ class Link:
 
     def send(self, work: Work, hidden: torch.Tensor | None) -> None:
         """A pass (and its hidden states) to the next stage."""
-        if work.kind == Kind.STOP:
-            self._isend(torch.zeros(HEADER, dtype=torch.long, device=self.device), self.next)
-            return
-        B, T = work.positions.shape
-        D = 0 if hidden is None else hidden.shape[-1]
-        parts = [torch.tensor([work.kind, work.group, B, T, D, work.kind == Kind.PREFILL], dtype=torch.long),
-                 work.positions.contiguous().to(torch.long)]
+        control = [0] * self.control
+        if work.kind != Kind.STOP:
+            B, T = work.positions.shape
+            D = 0 if hidden is None else hidden.shape[-1]
+            prefill = work.kind == Kind.PREFILL
+            if prefill:
+                body = [*work.rows, *work.lengths, *work.prompts]
+            else:  # one token per row: its position, and the group's slots
+                body = [*work.positions[:, 0].tolist(), work.rows[0], work.rows[-1] + 1]
+            control[:HEADER + len(body)] = [work.kind, work.group, B, T, D, prefill, *body]
+        self._isend(torch.tensor(control, dtype=torch.long, device=self.device), self.next)
         if work.kind == Kind.PREFILL:
-            parts.append(torch.tensor([work.rows, work.lengths, work.prompts], dtype=torch.long))
-        else:
-            parts.append(torch.tensor([work.rows[0], work.rows[-1] + 1], dtype=torch.long))
-        for t in parts:
-            self._isend(t.to(self.device), self.next)
+            self._isend(work.positions.to(self.device, torch.long).contiguous(), self.next)
         if hidden is not None:
             self._isend(hidden.contiguous(), self.next)
         while len(self._sends) > SENDS_IN_FLIGHT:
@@ -106,23 +113,22 @@ class Link:
         """The next pass from the previous stage."""
         import torch.distributed as dist
 
-        header = torch.empty(HEADER, dtype=torch.long, device=self.device)
-        dist.recv(header, self.prev)
-        kind, group, B, T, D, _ = (int(x) for x in header.cpu())
+        control = torch.empty(self.control, dtype=torch.long, device=self.device)
+        dist.recv(control, self.prev)
+        values = control.tolist()
+        kind, group, B, T, D, _ = values[:HEADER]
         if kind == Kind.STOP:
             return Work(Kind.STOP), None
-        positions = torch.empty(B, T, dtype=torch.long, device=self.device)
-        dist.recv(positions, self.prev)
-        work = Work(Kind(kind), group, positions=positions)
+        body = values[HEADER:]
         if kind == Kind.PREFILL:
-            info = torch.empty(3, B, dtype=torch.long, device=self.device)
-            dist.recv(info, self.prev)
-            work.rows, work.lengths, work.prompts = (x.tolist() for x in info.cpu())
+            positions = torch.empty(B, T, dtype=torch.long, device=self.device)
+            dist.recv(positions, self.prev)
+            work = Work(Kind(kind), group, rows=body[:B], positions=positions, lengths=body[B:2 * B],
+                        prompts=body[2 * B:3 * B])
         else:
-            span = torch.empty(2, dtype=torch.long, device=self.device)
-            dist.recv(span, self.prev)
-            lo, hi = span.tolist()
-            work.rows = list(range(lo, hi))
+            lo, hi = body[B], body[B + 1]
+            work = Work(Kind(kind), group, rows=list(range(lo, hi)),
+                        positions=torch.tensor(body[:B], dtype=torch.long, device=self.device)[:, None])
         hidden = None
         if D:
             hidden = torch.empty(B, T, D, dtype=self.dtype, device=self.device)

@@ -178,6 +178,7 @@ def load_model(name: str, tmp: str):
     from hpc_llama.checkpoint.views import InitReader
     from hpc_llama.config import load_sections
     from hpc_llama.embedded import resolve
+    from hpc_llama.inference import ready_for_inference
 
     hf = os.path.join(tmp, f"{name}-hf")
     if name == "bench-100m":
@@ -189,7 +190,7 @@ def load_model(name: str, tmp: str):
     with open_checkpoint(path) as r:
         write_hf(hf, r)
         model = load_slice(r, dtype=torch.float32)
-    model.fuse_projections()  # as `hpc-llama generate` does
+    ready_for_inference(model)  # as `hpc-llama generate` does
     return model, hf, path
 
 

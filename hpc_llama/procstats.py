@@ -22,6 +22,12 @@ def bytes_read() -> int | None:
     return _field("/proc/self/io", "rchar")
 
 
+def available_memory() -> int | None:
+    """Bytes the machine can still give processes without swapping (MemAvailable)."""
+    kb = _field("/proc/meminfo", "MemAvailable")
+    return None if kb is None else kb * 1024
+
+
 def peak_rss() -> int | None:
     """Peak resident memory in bytes (VmHWM: unlike ru_maxrss it is not inherited across exec)."""
     kb = _field("/proc/self/status", "VmHWM")

@@ -164,9 +164,9 @@ def test_fused_weights_share_the_parameters_memory(hf_dirs):
     # Each parameter is now rows of the one weight, with its own values, under its own name.
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name])
-    w = attn.qkv[0]
+    w = attn.qkv.weight
     assert attn.wq.weight.data_ptr() == w.data_ptr() and attn.wv.weight.data_ptr() < w.data_ptr() + w.nbytes
-    assert ffn.w3.weight.data_ptr() == ffn.w13[0].data_ptr() + ffn.w1.weight.nbytes
+    assert ffn.w3.weight.data_ptr() == ffn.w13.weight.data_ptr() + ffn.w1.weight.nbytes
     # An in-place change of a parameter (a merged adapter, say) is what the fused matmul computes with.
     x = tokens(320, 1, 12, seed=6)
     with torch.no_grad():
@@ -188,7 +188,8 @@ def test_fused_weight_is_one_tensor_when_the_rows_lie_side_by_side():
     for lin, n in zip(parts, (4, 6, 2)):
         lin.weight = torch.nn.Parameter(block[rows:rows + n])
         rows += n
-    weight, bias, _ = fuse(parts)
+    group = fuse(parts)
+    weight, bias = group.weight, group.bias
     assert weight.data_ptr() == block.data_ptr() and weight.shape == (12, 8) and bias is None
     assert parts[1].weight.data_ptr() == block[4].data_ptr()  # nothing was copied or re-pointed
 
@@ -216,6 +217,48 @@ def test_fused_projections_step_aside_for_training_and_replaced_modules(hf_dirs)
             block.attention.qkv = None
         assert torch.equal(fused_out, model(x))
         assert not torch.equal(fused_out, load_slice(reader)(x))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN to pack for")
+@pytest.mark.parametrize("name", ["llama2", "qwen2"])
+def test_prepacked_weights_compute_the_same_model(name, hf_dirs):
+    # oneDNN's blocked layout (CPU inference) against the plain weights: the same logits within the
+    # rounding of another kernel, and each row's result independent of how many rows share the call
+    # (so a document scores the same in any batch, on any layout).
+    from hpc_llama.inference import ready_for_inference
+
+    reader = open_checkpoint(hf_dirs[name])
+    plain, packed = load_slice(reader), load_slice(reader)
+    done = ready_for_inference(packed)
+    n_layers = reader.config.n_layers
+    assert done["fused"] == 2 * n_layers and done["packed"] == 4 * n_layers + 1  # groups, wo, w2, head
+    x = tokens(320, 8, 24, seed=9)
+    with torch.inference_mode():
+        got = packed(x)
+        assert (got - plain(x)).abs().max() <= 1e-5
+        assert torch.equal(packed(x[:3]), got[:3])
+        fused_only = load_slice(reader)
+        fused_only.fuse_projections()
+        one = packed(x[:1, :2])  # two rows in all: below PACK_MIN_ROWS, the plain path
+        assert torch.equal(one, fused_only(x[:1, :2]))
+    # With gradients on, the parameters themselves take part.
+    packed(x[:1]).sum().backward()
+    assert packed.layers["0"].attention.wo.weight.grad is not None
+
+
+def test_packing_steps_aside_where_it_cannot_help(hf_dirs, monkeypatch):
+    import hpc_llama.inference as inference
+    from hpc_llama.model.llama import pack_weight
+
+    reader = open_checkpoint(hf_dirs["llama2"])
+    assert pack_weight(torch.zeros(4, 4, dtype=torch.bfloat16)) is None  # fp32 only
+    assert pack_weight(torch.zeros(4, 4, device="meta")) is None
+    bf16 = load_slice(reader, dtype=torch.bfloat16)
+    assert inference.ready_for_inference(bf16)["packed"] == 0
+    # Not when the second copy would not fit in the memory the machine has left.
+    monkeypatch.setattr(inference, "PACK_HEADROOM", 1 << 40)
+    done = inference.ready_for_inference(load_slice(reader))
+    assert done["packed"] == 0 and done["fused"] > 0
 
 
 def test_cache_views_write_through_to_the_whole_cache(hf_dirs):

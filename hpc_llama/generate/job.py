@@ -119,6 +119,7 @@ def _scan(files, fields, reader, tokenizer, bos, context):
 
 def _engine(job, capacity):
     from ..checkpoint.slices import load_slice
+    from ..inference import ready_for_inference
     from ..parallel.layout import stage_and_replica, stage_plans
     from ..parallel.ranks import resolve_dtype
     from .engine import RingGenerator
@@ -128,7 +129,7 @@ def _engine(job, capacity):
     plan = stage_plans(reader.config, parallel)[stage]
     dtype = resolve_dtype(parallel.dtype, info.device)
     model = load_slice(reader, plan.layers, plan.embed, plan.head, info.device, dtype)
-    model.fuse_projections()  # q/k/v and gate/up as one matmul each
+    ready_for_inference(model)
     return RingGenerator(model, info, parallel.pp, cfg, job.tokenizer, reader.config.eos_ids, capacity, dtype)
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from ..checkpoint.base import CheckpointReader
 from ..checkpoint.slices import load_slice
 from ..config import ParallelConfig
+from ..inference import ready_for_inference
 from ..model.llama import Transformer
 from .layout import stage_and_replica, stage_plans
 from .ranks import RankInfo, resolve_dtype
@@ -62,7 +63,7 @@ def build_pipeline(reader: CheckpointReader, info: RankInfo, parallel: ParallelC
     plan = stage_plans(reader.config, parallel)[stage]
     dtype = dtype or resolve_dtype(parallel.dtype, info.device)
     model = load_slice(reader, plan.layers, plan.embed, plan.head, info.device, dtype, stats=load_stats)
-    model.fuse_projections()  # forward passes only: q/k/v and gate/up as one matmul each
+    ready_for_inference(model)  # forward passes only: fused projections, prepacked CPU weights
     layers = [PipeStage(model, head_fn, segmented) if s == stage else f"stage {s} (built on its own ranks)"
               for s in range(parallel.pp)]
     dp = info.world_size // parallel.pp

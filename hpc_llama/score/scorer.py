@@ -71,9 +71,10 @@ class Scorer:
         if parallel.pp == 1:
             # One stage holds the whole model: no pipeline engine, no torch.distributed.
             from ..checkpoint.slices import load_slice
+            from ..inference import ready_for_inference
 
             model = load_slice(reader, device=info.device, dtype=self.dtype, stats=load)
-            model.fuse_projections()  # q/k/v and gate/up as one matmul each
+            ready_for_inference(model)
             self.engine, self.model, self.last = None, model, True
         else:
             self.engine, plan, _ = build_pipeline(reader, info, parallel, micro_batch=1, head_fn=score_head,

@@ -98,9 +98,10 @@ def time_stage(path: str, plan, repeat: int, cold: bool) -> dict:
 
 RSS_CHILD = r"""
 import json, sys
-from hpc_llama.checkpoint import load_slice, open_checkpoint
+from hpc_llama.checkpoint import open_checkpoint
+from hpc_llama.checkpoint.slices import load_slice
 from hpc_llama.config import ParallelConfig
-from hpc_llama.pipeline import stage_plans
+from hpc_llama.parallel.layout import stage_plans
 def status(key):
     # VmHWM, not ru_maxrss: ru_maxrss survives fork+exec and would report
     # the parent's peak.
@@ -122,7 +123,9 @@ print(json.dumps({"growth": peak - base, "params_bytes": sum(t.nbytes for t in m
 
 def rss_growth(path: str, pp: int, stage: int) -> dict:
     out = subprocess.run([sys.executable, "-c", RSS_CHILD, path, str(pp), str(stage)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"the peak-memory child for stage {stage} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -307,7 +307,7 @@ def _check_index(path: str, index) -> dict[str, dict]:
         for key, kind in (("dtype", str), ("shape", list)):
             if not isinstance(e.get(key), kind):
                 raise bad(f"entry {shown(name)} has no {key}")
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in e["shape"]):
+        if not all(type(n) is int and n >= 0 for n in e["shape"]):  # JSON gives int or bool, never a subclass
             raise bad(f"entry {shown(name)} has shape {shown(e['shape'])}")
         if not isinstance(e.get("xxh3"), (str, type(None))):
             raise bad(f"entry {shown(name)} has xxh3 {shown(e.get('xxh3'))}")
@@ -386,7 +386,7 @@ class H5Checkpoint(CheckpointReader):
                 self.hf_config = json.loads(_attr_str(raw))
             except (ValueError, RecursionError):
                 raise HpcLlamaError(f"{path}: corrupt config attribute (not JSON)") from None
-            self._where = {n: os.path.basename(path) for n in single.names()}
+            self._where = dict.fromkeys(single.names(), os.path.basename(path))
             self._asset_shard = os.path.basename(path)
             source = f"{path} (config attribute)"
         for name in self._where:

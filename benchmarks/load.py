@@ -1,6 +1,6 @@
 """Slice loading: time against a raw read of the same bytes, and peak memory per rank against the whole model.
 
-    python benchmarks/load.py [--config bench-100m] [--pp 4] [--repeat 5] [--out benchmarks/results/load.json]
+    python benchmarks/load.py [--configs bench-100m] [--pp 4] [--repeat 5] [--out benchmarks/results/load.json]
 
 For each stage of a P-way split this measures, in one process and in turns:
   ours  load_slice(): open the checkpoint, build the slice on the meta device,

@@ -1,6 +1,6 @@
 """Slice loading: time against a raw read of the same bytes, and peak memory per rank against the whole model.
 
-    python benchmarks/load.py [--config bench-100m] [--pp 4] [--repeat 5] [--out benchmarks/results/load.json]
+    python benchmarks/load.py [--configs bench-100m] [--pp 4] [--repeat 5] [--out benchmarks/results/load.json]
 
 For each stage of a P-way split this measures, in one process and in turns:
   ours  load_slice(): open the checkpoint, build the slice on the meta device,
@@ -98,9 +98,10 @@ def time_stage(path: str, plan, repeat: int, cold: bool) -> dict:
 
 RSS_CHILD = r"""
 import json, sys
-from hpc_llama.checkpoint import load_slice, open_checkpoint
+from hpc_llama.checkpoint import open_checkpoint
+from hpc_llama.checkpoint.slices import load_slice
 from hpc_llama.config import ParallelConfig
-from hpc_llama.pipeline import stage_plans
+from hpc_llama.parallel.layout import stage_plans
 def status(key):
     # VmHWM, not ru_maxrss: ru_maxrss survives fork+exec and would report
     # the parent's peak.
@@ -122,7 +123,9 @@ print(json.dumps({"growth": peak - base, "params_bytes": sum(t.nbytes for t in m
 
 def rss_growth(path: str, pp: int, stage: int) -> dict:
     out = subprocess.run([sys.executable, "-c", RSS_CHILD, path, str(pp), str(stage)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"the peak-memory child for stage {stage} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from hpc_llama.checkpoint import open_checkpoint
+from hpc_llama.checkpoint import open_checkpoint, tensors
 from hpc_llama.checkpoint.base import unit_of
 from hpc_llama.checkpoint.h5 import write_checkpoint
 from hpc_llama.checkpoint.hf import to_hf_name, write_hf
 from hpc_llama.checkpoint.slices import load_slice, slice_sources
+from hpc_llama.checkpoint.tensors import checksum, new_hasher, read_exact
 from hpc_llama.cli import _main as cli
 from hpc_llama.errors import HpcLlamaError
 from hpc_llama.parallel.layout import layer_partition
@@ -207,6 +208,34 @@ def test_flipped_bytes_are_caught_naming_the_tensor(h5_path):
     load_slice(r, range(0, 2), True, False)  # other layers still load
     with pytest.raises(HpcLlamaError, match="checksum mismatch in tensor layers.2.feed_forward.w3.weight"):
         load_slice(r, range(2, 4), False, True)
+
+
+def test_a_tensor_read_in_pieces_hashes_as_a_whole_and_a_short_file_is_caught(tmp_path, monkeypatch):
+    monkeypatch.setattr(tensors, "CHUNK", 4096)  # several pieces, the last one short
+    data = np.random.default_rng(0).integers(0, 256, 3 * 4096 + 100, dtype=np.uint8)
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"header" + data.tobytes())
+    out, hasher = np.empty(len(data), np.uint8), new_hasher()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        read_exact(fd, 6, out, hasher)
+        assert out.tobytes() == data.tobytes() and hasher.hexdigest() == checksum(data)
+        with pytest.raises(HpcLlamaError, match=f"unexpected end of file at byte {6 + len(data)}"):
+            read_exact(fd, 6, np.empty(len(data) + 1, np.uint8), new_hasher())
+    finally:
+        os.close(fd)
+
+
+def test_a_flipped_byte_in_the_last_piece_of_a_tensor_is_caught(h5_path, monkeypatch):
+    monkeypatch.setattr(tensors, "CHUNK", 1024)
+    name = "layers.0.feed_forward.w2.weight"
+    with open_checkpoint(h5_path) as r:
+        nbytes = r.info(name).nbytes
+    assert nbytes > 3 * 1024
+    _flip_byte(h5_path, name, where=nbytes - 1)
+    with open_checkpoint(h5_path) as r:
+        with pytest.raises(HpcLlamaError, match=f"checksum mismatch in tensor {name}"):
+            load_slice(r, range(0, 1), False, False)
 
 
 def outputs_in(d):

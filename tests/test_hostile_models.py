@@ -291,6 +291,18 @@ def test_hdf5_objects_that_point_into_other_files_are_refused(models, tmp_path, 
     never_touched(opened, tmp_path, message)
 
 
+def test_a_contiguous_dataset_that_disagrees_with_the_index_is_refused(models, tmp_path):
+    # Contiguous tensors are planned from HDF5's offset and storage size alone (no shape query): a dataset
+    # replaced by a shorter one, under an index that still claims the old shape, must still be caught.
+    p = copy(models, "m.h5", tmp_path)
+    name = "layers.1.attention.wq.weight"
+    with h5py.File(p, "a") as f:
+        value = f[f"tensors/{name}"][()]
+        del f[f"tensors/{name}"]
+        f["tensors"].create_dataset(name, data=value[:-1], track_times=False)
+    refused(p, f"{p}: tensor {name} disagrees with the index", read=lambda r: load_slice(r))
+
+
 def test_a_file_that_is_not_safetensors_is_not_quoted(models, tmp_path):
     d = copy(models, "hf", tmp_path)
     (d / "model.safetensors").write_bytes(SECRET * 40)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -69,6 +70,7 @@ def check_layers(reader: "CheckpointReader") -> None:
         raise HpcLlamaError(f"{reader.path}: the model config says {n} layers, but {what}")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # opening a checkpoint asks this of every name several times
 def unit_of(name: str):
     """The piece of the model a tensor belongs to: "embed", a layer number, or "head"."""
     m = _LAYER.match(name)

@@ -9,6 +9,7 @@ tensor at a known offset, hashed while it is still in cache.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import h5py
@@ -215,16 +216,45 @@ class H5File:
 
     def _dataset_info(self, name: str, entry: dict) -> tuple[TensorInfo, int | None]:
         """One dataset's place, and its bytes on disk when a filter makes them differ from its size."""
-        d = self.member(self._group, name, h5py.Dataset).id
         shape, dtype = tuple(entry["shape"]), entry["dtype"]
         if dtype not in DTYPES:
             raise HpcLlamaError(f"{self.path}: tensor {name} has unsupported dtype {shown(dtype)}")
         np_dtype = np.dtype(DTYPES[dtype][0])
+        nbytes = math.prod(shape) * np_dtype.itemsize
+        d = self._dataset_id(name)
+        offset = d.get_offset()
+        if offset is not None:
+            # Contiguous bytes in this file (HDF5 gives no offset for chunked, compact, external or
+            # virtual storage): they are read with pread, never through HDF5, as the index's dtype and
+            # shape (the index is checksummed as a whole, each tensor's bytes by its own xxh3). So all
+            # HDF5 must vouch for is their place and their count: a contiguous dataset's storage is
+            # exactly its size. (Asking its dtype too would cost a third of planning a tensor.)
+            if d.get_storage_size() != nbytes:
+                raise HpcLlamaError(f"{self.path}: tensor {name} disagrees with the index: the file is corrupt")
+            if offset + nbytes > self.size:
+                raise HpcLlamaError(f"{self.path}: {shown(name)} claims {nbytes} bytes, more than the file holds "
+                                    f"for it ({max(self.size - offset, 0)}): the file is truncated or corrupt")
+            return TensorInfo(name, shape, dtype, nbytes, self.path, offset, entry.get("xxh3")), None
         if d.shape != shape or d.dtype != np_dtype:
             raise HpcLlamaError(f"{self.path}: tensor {name} disagrees with the index: the file is corrupt")
-        nbytes = int(np.prod(shape, dtype=object)) * np_dtype.itemsize
         offset, disk = self._check_storage(d, name, nbytes)
         return TensorInfo(name, shape, dtype, nbytes, self.path, offset, entry.get("xxh3")), disk
+
+    def _dataset_id(self, name: str):
+        """The low-level dataset /tensors/`name`: a hard link to a dataset, as `member` requires. One tensor
+        at a time this is most of the cost of planning a slice, so h5py's object wrappers are skipped."""
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            raise HpcLlamaError(f"{self.path}: {shown(name)} is not a plain object name: the file is corrupt")
+        gid, key = self._group.id, name.encode()
+        try:
+            if gid.links.get_info(key).type == h5py.h5l.TYPE_HARD:
+                return h5py.h5d.open(gid, key)
+        except _H5_ERRORS:
+            pass
+        d = self.member(self._group, name, h5py.Dataset)  # says what is wrong: missing, a link, not a dataset
+        if d is None:
+            raise HpcLlamaError(f"{self.path}: tensor {name} is missing")
+        return d.id
 
     def read_into(self, info: TensorInfo, out: np.ndarray, verify: bool) -> None:
         scheme = info.scheme
@@ -279,7 +309,7 @@ def _check_index(path: str, index) -> dict[str, dict]:
         for key, kind in (("dtype", str), ("shape", list)):
             if not isinstance(e.get(key), kind):
                 raise bad(f"entry {shown(name)} has no {key}")
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in e["shape"]):
+        if not all(type(n) is int and n >= 0 for n in e["shape"]):  # JSON gives int or bool, never a subclass
             raise bad(f"entry {shown(name)} has shape {shown(e['shape'])}")
         if not isinstance(e.get("xxh3"), (str, type(None))):
             raise bad(f"entry {shown(name)} has xxh3 {shown(e.get('xxh3'))}")
@@ -358,7 +388,7 @@ class H5Checkpoint(CheckpointReader):
                 self.hf_config = json.loads(_attr_str(raw))
             except (ValueError, RecursionError):
                 raise HpcLlamaError(f"{path}: corrupt config attribute (not JSON)") from None
-            self._where = {n: os.path.basename(path) for n in single.names()}
+            self._where = dict.fromkeys(single.names(), os.path.basename(path))
             self._asset_shard = os.path.basename(path)
             source = f"{path} (config attribute)"
         for name in self._where:

@@ -63,11 +63,12 @@ def load_slice(reader: CheckpointReader, layers=None, embed: bool = True, head: 
     cfg = reader.config
     model = Transformer(cfg, layers, embed, head, device="meta")
     read_before = bytes_read()  # after building the module, whose first use may import (and read) code
-    infos = {n: reader.info(source_name(reader, n)) for n, _ in model.named_parameters()}
+    params = dict(model.named_parameters())
+    infos = {n: reader.info(source_name(reader, n)) for n in params}
     if dtype is None:
         stored = {i.logical_dtype for i in infos.values()}
         dtype = torch_dtype(stored.pop()) if len(stored) == 1 else torch.float32
-    for name, param in model.named_parameters():
+    for name, param in params.items():
         info = infos[name]
         if tuple(param.shape) != info.logical_shape:
             raise HpcLlamaError(f"{reader.path}: tensor {info.name} has shape {list(info.logical_shape)} "
@@ -81,12 +82,13 @@ def load_slice(reader: CheckpointReader, layers=None, embed: bool = True, head: 
     # Read in file order, so storage sees one forward sweep and its readahead works.
     order = sorted(dense.items(), key=lambda kv: (kv[1].path, kv[1].offset or 0))
     places = carve([info for _, info in order]) if in_place else [None] * len(order)
+    modules = dict(model.named_modules())
     for (name, info), place in zip(order, places):
         t = place if place is not None else empty_for(info)
         reader.read_into(info.name, t, verify)
         if place is None:
             t = t.to(device=device, dtype=dtype)
-        _set_parameter(model, name, t)
+        _set_parameter(modules, name, t)
     for name, info in sorted(packed.items()):
         _set_packed(model, name, reader, info, device, dtype, verify)
     model.tie_weights()
@@ -116,9 +118,9 @@ def _set_packed(model: Transformer, name: str, reader: CheckpointReader, info, d
     setattr(model.get_submodule(parent) if parent else model, leaf, table)
 
 
-def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    *path, leaf = name.split(".")
-    module = model.get_submodule(".".join(path))
+def _set_parameter(modules: dict[str, torch.nn.Module], name: str, value: torch.Tensor) -> None:
+    path, _, leaf = name.rpartition(".")
+    module = modules[path]
     module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=module._parameters[leaf].requires_grad)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,8 +26,9 @@ DTYPES = {
 }
 TORCH_NAMES = {t: name for name, (_, t) in DTYPES.items()}
 
-CHUNK = 4 << 20  # read and hash in pieces that stay in cache between the two
-
+CHUNK = 256 << 10
+"""Bytes per pread. Each piece is hashed right after it is read, while it is still in the reading core's own
+cache: hashing it later, or on another core, costs more than the hashing itself (docs/performance.md)."""
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -125,40 +125,15 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-_HASH_POOL = None
-OVERLAP_MIN = 16 << 20  # below this, handing chunks to a thread costs more than it hides
-
-
-def _hash_pool():
-    # One worker, so chunks are hashed in the order they were read. xxhash
-    # releases the GIL: the next pread runs while the last chunk is hashed.
-    global _HASH_POOL
-    if _HASH_POOL is None:
-        _HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpc-llama-hash")
-    return _HASH_POOL
-
-
 def read_exact(fd: int, offset: int, out: np.ndarray, hasher=None) -> None:
-    """Fill `out` with the bytes at `offset`, hashing each chunk while it is still in cache.
-
-    For large tensors the hashing runs on a worker thread, one chunk behind
-    the reads, so verification costs little more than the read itself.
-    """
+    """Fill `out` with the bytes at `offset`, feeding each CHUNK to `hasher` as soon as it is read."""
     buf = memoryview(out.reshape(-1).view(np.uint8))
-    overlap = hasher is not None and len(buf) >= OVERLAP_MIN
-    done, pending = 0, None
-    try:
-        while done < len(buf):
-            n = os.preadv(fd, [buf[done:done + CHUNK]], offset + done)
-            if n <= 0:
-                raise HpcLlamaError(f"unexpected end of file at byte {offset + done}")
-            if overlap:
-                if pending is not None:
-                    pending.result()
-                pending = _hash_pool().submit(hasher.update, buf[done:done + n])
-            elif hasher is not None:
-                hasher.update(buf[done:done + n])
-            done += n
-    finally:
-        if pending is not None:
-            pending.result()
+    done = 0
+    while done < len(buf):
+        piece = buf[done:done + CHUNK]
+        n = os.preadv(fd, [piece], offset + done)
+        if n <= 0:
+            raise HpcLlamaError(f"unexpected end of file at byte {offset + done}")
+        if hasher is not None:
+            hasher.update(piece[:n])
+        done += n

@@ -179,6 +179,21 @@ def test_fused_weights_share_the_parameters_memory(hf_dirs):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("name", ["llama2", "qwen2"])
+def test_a_loaded_slice_fuses_without_copying(name, hf_dirs):
+    # load_slice lays each group's weights (and Qwen2's biases) out side by side: fusing makes views.
+    model = load_slice(open_checkpoint(hf_dirs[name]))
+    params = dict(model.named_parameters())
+    model.fuse_projections()
+    assert all(p is params[n] for n, p in model.named_parameters())  # nothing re-pointed
+    for block in model.layers.values():
+        attn, ffn = block.attention, block.feed_forward
+        assert attn.qkv.weight.data_ptr() == attn.wq.weight.data_ptr()
+        assert ffn.w13.weight.data_ptr() == ffn.w1.weight.data_ptr()
+        if attn.wq.bias is not None:
+            assert attn.qkv.bias.data_ptr() == attn.wq.bias.data_ptr()
+
+
 def test_fused_weight_is_one_tensor_when_the_rows_lie_side_by_side():
     from hpc_llama.model.llama import Linear, fuse
 

@@ -12,7 +12,7 @@ import time
 import torch
 
 from ..errors import HpcLlamaError
-from ..model.llama import Transformer
+from ..model.llama import FUSED_GROUPS, Transformer
 from ..model.quantized import SCHEMES as QUANT_SCHEMES
 from ..procstats import bytes_read
 from .base import CheckpointReader
@@ -81,9 +81,13 @@ def load_slice(reader: CheckpointReader, layers=None, embed: bool = True, head: 
     # through its own buffer, so a GPU load never holds the slice twice.
     # Read in file order, so storage sees one forward sweep and its readahead works.
     order = sorted(dense.items(), key=lambda kv: (kv[1].path, kv[1].offset or 0))
-    places = carve([info for _, info in order]) if in_place else [None] * len(order)
+    places = {}
+    if in_place:  # laid out so each fused group's weights (and biases) are side by side: fusing copies nothing
+        layout = placement(list(dense))
+        places = dict(zip(layout, carve([dense[n] for n in layout])))
     modules = dict(model.named_modules())
-    for (name, info), place in zip(order, places):
+    for name, info in order:
+        place = places.get(name)
         t = place if place is not None else empty_for(info)
         reader.read_into(info.name, t, verify)
         if place is None:
@@ -96,6 +100,26 @@ def load_slice(reader: CheckpointReader, layers=None, embed: bool = True, head: 
         stats["bytes_read"] = None if read_before is None else bytes_read() - read_before
         stats["seconds"] = round(time.perf_counter() - t0, 3)
     return model.eval()
+
+
+def placement(names: list[str]) -> list[str]:
+    """The order parameters are laid out in memory: the model's, except that the members of each group
+    `fuse_projections` makes (q/k/v, gate/up) come side by side, weights then biases, at the first one's place."""
+    present, done, out = set(names), set(), []
+    for name in names:
+        if name in done:
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        members = [name]
+        for group in FUSED_GROUPS:
+            for path in group:
+                if prefix.endswith("." + path):
+                    base = prefix[:-len(path)]
+                    members = [f"{base}{p}.{kind}" for kind in ("weight", "bias") for p in group]
+                    members = [m for m in members if m in present and m not in done]
+        out += members
+        done.update(members)
+    return out
 
 
 def _set_packed(model: Transformer, name: str, reader: CheckpointReader, info, device, dtype, verify) -> None:

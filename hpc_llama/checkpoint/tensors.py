@@ -109,12 +109,12 @@ def carve(infos: list[TensorInfo], align: int = 64) -> list[torch.Tensor]:
         total += -(-info.nbytes // align) * align
     arena = np.empty(total + align, np.uint8)
     start = -arena.ctypes.data % align
+    # Views of one torch tensor share one storage, so tensors laid out side by side can be used as
+    # one (the fused projections of model.llama) without a copy.
+    block = torch.from_numpy(arena)
     out = []
     for info, off in zip(infos, offsets):
-        np_dtype, dtype = DTYPES[info.dtype]
-        a = arena[start + off:start + off + info.nbytes].view(np_dtype).reshape(info.shape)
-        t = torch.from_numpy(a)
-        out.append(t.view(dtype) if t.dtype != dtype else t)
+        out.append(block[start + off:start + off + info.nbytes].view(DTYPES[info.dtype][1]).view(info.shape))
     return out
 
 

@@ -457,6 +457,10 @@ class KVCache:
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
+FUSED_GROUPS = (("attention.wq", "attention.wk", "attention.wv"), ("feed_forward.w1", "feed_forward.w3"))
+"""The projections `fuse_projections` computes as one (they read the same input), in their stacking order."""
+
+
 @dataclass
 class Fused:
     """Projections that read the same input computed as one: their weights stacked by rows."""

@@ -168,6 +168,26 @@ def job(n, pp, model_path, prompts_path, out, new_tokens):
             "utilisation": [r["utilisation"] for r in s["ranks"]]}
 
 
+def matmul_floor(model, batch: int, repeats: int = 24) -> float:
+    """Seconds of one decode step's matmuls alone (its projections, fused as the job runs them, and the
+    head) at `batch` rows: what a step costs with no other work, the limit of torch's CPU kernels."""
+    mods = []
+    for block in model.layers.values():
+        a, f = block.attention, block.feed_forward
+        mods += [a.qkv or a.wq, a.wo, f.w13 or f.w1, f.w2]  # without fusing, the first of each group
+    mods.append(model.output)
+    xs = [torch.randn(batch, 1, m.weight.shape[1]) for m in mods]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                for m, x in zip(mods, xs):
+                    m(x)
+            best = min(best, (time.perf_counter() - t0) / repeats)
+    return best
+
+
 def load_model(name: str, tmp: str):
     """(our model, a transformers copy's directory, the checkpoint path): bench-100m freshly initialised, or the
     embedded SmolLM2 (its GGUF dequantized to fp32)."""
@@ -190,7 +210,7 @@ def load_model(name: str, tmp: str):
     with open_checkpoint(path) as r:
         write_hf(hf, r)
         model = load_slice(r, dtype=torch.float32)
-    ready_for_inference(model)  # as `hpc-llama generate` does
+    ready_for_inference(model, pack=True)  # as `hpc-llama generate` does
     return model, hf, path
 
 
@@ -202,6 +222,8 @@ def compare(name, args, tmp, info):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, cfg.vocab_size, int(n)).tolist() for n in rng.integers(24, 121, 8)]
     ref_model = LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    # No EOS on either side: with one, min_new_tokens would mask it out of transformers' choices only.
+    ref_model.generation_config.eos_token_id = None
     capacity = max(len(p) for p in prompts) + args.new_tokens
     ours(model, info, prompts[:2], 4, 2, capacity)  # warm-up, every side
     reference(ref_model, prompts[:2], 4, 2)
@@ -232,6 +254,9 @@ def compare(name, args, tmp, info):
             # llama.cpp rounds differently (its own f32 kernels): a random model's near-ties can part ways
             row["llama_cpp_tokens_equal_to_ours"] = round(
                 float(np.mean([a == b for x, y in zip(o_tok, l_tok) for a, b in zip(x, y)])), 3)
+        floor = matmul_floor(model, batch)
+        row["matmuls_alone_step_ms"] = round(floor * 1e3, 2)
+        row["matmuls_alone_tokens_per_s"] = round(batch / floor, 1)  # decode only: no prefill in it
         rows[f"batch_{batch}"] = row
     if llama is not None:
         llama.close()

@@ -244,7 +244,7 @@ def test_prepacked_weights_compute_the_same_model(name, hf_dirs):
 
     reader = open_checkpoint(hf_dirs[name])
     plain, packed = load_slice(reader), load_slice(reader)
-    done = ready_for_inference(packed)
+    done = ready_for_inference(packed, pack=True)
     n_layers = reader.config.n_layers
     assert done["fused"] == 2 * n_layers and done["packed"] == 4 * n_layers + 1  # groups, wo, w2, head
     x = tokens(320, 8, 24, seed=9)
@@ -269,10 +269,10 @@ def test_packing_steps_aside_where_it_cannot_help(hf_dirs, monkeypatch):
     assert pack_weight(torch.zeros(4, 4, dtype=torch.bfloat16)) is None  # fp32 only
     assert pack_weight(torch.zeros(4, 4, device="meta")) is None
     bf16 = load_slice(reader, dtype=torch.bfloat16)
-    assert inference.ready_for_inference(bf16)["packed"] == 0
+    assert inference.ready_for_inference(bf16, pack=True)["packed"] == 0
     # Not when the second copy would not fit in the memory the machine has left.
     monkeypatch.setattr(inference, "PACK_HEADROOM", 1 << 40)
-    done = inference.ready_for_inference(load_slice(reader))
+    done = inference.ready_for_inference(load_slice(reader), pack=True)
     assert done["packed"] == 0 and done["fused"] > 0
 
 

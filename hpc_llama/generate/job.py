@@ -129,7 +129,7 @@ def _engine(job, capacity):
     plan = stage_plans(reader.config, parallel)[stage]
     dtype = resolve_dtype(parallel.dtype, info.device)
     model = load_slice(reader, plan.layers, plan.embed, plan.head, info.device, dtype)
-    ready_for_inference(model)
+    ready_for_inference(model, pack=True)  # decode steps of a few rows: 1.2x faster prepacked
     return RingGenerator(model, info, parallel.pp, cfg, job.tokenizer, reader.config.eos_ids, capacity, dtype)
 
 

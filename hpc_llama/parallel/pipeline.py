@@ -63,7 +63,7 @@ def build_pipeline(reader: CheckpointReader, info: RankInfo, parallel: ParallelC
     plan = stage_plans(reader.config, parallel)[stage]
     dtype = dtype or resolve_dtype(parallel.dtype, info.device)
     model = load_slice(reader, plan.layers, plan.embed, plan.head, info.device, dtype, stats=load_stats)
-    ready_for_inference(model)  # forward passes only: fused projections, prepacked CPU weights
+    ready_for_inference(model, pack=False)  # forward passes only: fused projections
     layers = [PipeStage(model, head_fn, segmented) if s == stage else f"stage {s} (built on its own ranks)"
               for s in range(parallel.pp)]
     dp = info.world_size // parallel.pp

@@ -74,7 +74,7 @@ class Scorer:
             from ..inference import ready_for_inference
 
             model = load_slice(reader, device=info.device, dtype=self.dtype, stats=load)
-            ready_for_inference(model)
+            ready_for_inference(model, pack=False)
             self.engine, self.model, self.last = None, model, True
         else:
             self.engine, plan, _ = build_pipeline(reader, info, parallel, micro_batch=1, head_fn=score_head,

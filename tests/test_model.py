@@ -256,6 +256,13 @@ def test_prepacked_weights_compute_the_same_model(name, hf_dirs):
         fused_only.fuse_projections()
         one = packed(x[:1, :2])  # two rows in all: below PACK_MIN_ROWS, the plain path
         assert torch.equal(one, fused_only(x[:1, :2]))
+    # A weight changed in place after packing is computed from its new values, not the stale copy.
+    with torch.no_grad():
+        for m in (packed, plain):
+            m.layers["0"].attention.wo.weight.mul_(2)
+            m.layers["0"].feed_forward.w3.weight.add_(0.01)
+    with torch.inference_mode():
+        assert (packed(x) - plain(x)).abs().max() <= 1e-5
     # With gradients on, the parameters themselves take part.
     packed(x[:1]).sum().backward()
     assert packed.layers["0"].attention.wo.weight.grad is not None

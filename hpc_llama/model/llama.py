@@ -329,8 +329,8 @@ class Linear(nn.Linear):
 
     For inference on the CPU it may also hold its weight prepacked (`pack`)."""
 
-    packed: tuple[torch.Tensor, torch.Tensor] | None = None
-    """(the prepacked weight, the parameter it was packed from)."""
+    packed: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    """(the prepacked weight, the parameter it was packed from, that parameter's version then)."""
 
     def reset_parameters(self):
         if self.weight.device.type != "meta":
@@ -338,13 +338,15 @@ class Linear(nn.Linear):
 
     def pack(self) -> bool:
         packed = pack_weight(self.weight)
-        self.packed = None if packed is None else (packed, self.weight)
+        self.packed = None if packed is None else (packed, self.weight, self.weight._version)
         return packed is not None
 
     def forward(self, x):
         packed = self.packed
-        # Only while the packed copy stands for the parameter, and never where gradients are wanted.
-        if packed is not None and packed[1] is self.weight and not torch.is_grad_enabled():
+        # Only while the packed copy stands for the parameter as it is (an in-place change since packing
+        # bumps its version), and never where gradients are wanted.
+        if (packed is not None and packed[1] is self.weight and packed[2] == self.weight._version
+                and not torch.is_grad_enabled()):
             return linear(x, self.weight, self.bias, packed[0])
         return F.linear(x, self.weight, self.bias)
 
@@ -471,17 +473,28 @@ class Fused:
     """The (module, weight) pairs it stands for."""
     packed: torch.Tensor | None = None
     """The stacked weight prepacked for oneDNN (CPU inference), if packed."""
+    versions: tuple[int, ...] = ()
+    """The weights' versions when packed: an in-place change since makes the packed copy stale."""
 
     def usable(self, modules) -> bool:
         # Only while it still stands for the modules' own parameters (a parameter or module replaced
-        # after fusing, e.g. by an adapter, falls back to the separate matmuls), and not where gradients
-        # are wanted: the parameters, not the fused view, are what training updates.
-        if torch.is_grad_enabled():
+        # after fusing, e.g. by an adapter, or moved to another device, falls back to the separate
+        # matmuls), and not where gradients are wanted: the parameters, not the fused view, are what
+        # training updates.
+        if torch.is_grad_enabled() or modules[0].weight.data_ptr() != self.weight.data_ptr():
             return False
         return all(m is module and m.weight is weight for (module, weight), m in zip(self.sources, modules))
 
+    def pack(self) -> bool:
+        self.packed = pack_weight(self.weight)
+        self.versions = tuple(w._version for _, w in self.sources)
+        return self.packed is not None
+
     def __call__(self, x):
-        return linear(x, self.weight, self.bias, self.packed)
+        packed = self.packed
+        if packed is not None and any(w._version != v for (_, w), v in zip(self.sources, self.versions)):
+            packed = None  # a weight changed in place since packing: the views hold its new values
+        return linear(x, self.weight, self.bias, packed)
 
 
 def fuse(modules: list[nn.Module]) -> Fused | None:
@@ -653,13 +666,12 @@ class Transformer(nn.Module):
     def pack_weights(self) -> int:
         """CPU inference: hold every plain and fused projection's weight (and the head's) prepacked for
         oneDNN too, used for inputs of `PACK_MIN_ROWS` rows and more. Costs a second copy of those
-        weights; returns how many were packed (0 where there is no such path)."""
+        weights; a weight changed in place afterwards is computed from the plain copy again. Returns
+        how many were packed (0 where there is no such path)."""
         groups = [g for m in self.modules() if isinstance(m, (Attention, FeedForward))
                   for g in (getattr(m, "qkv", None), getattr(m, "w13", None)) if g is not None]
         fused = {id(module) for g in groups for module, _ in g.sources}  # computed through their group
-        for g in groups:
-            g.packed = pack_weight(g.weight)
-        return sum(g.packed is not None for g in groups) + sum(
+        return sum(g.pack() for g in groups) + sum(
             m.pack() for m in self.modules() if type(m) is Linear and id(m) not in fused)
 
     @property

@@ -66,7 +66,8 @@ class ScoreConfig:
     max_batch: int = 64
     """Most rows in one micro-batch."""
     micro_batches: int = 0
-    """Micro-batches per pipeline call; 0 means 4 per stage, so stages overlap and the pipeline bubble stays small."""
+    """Micro-batches per pipeline call; 0 means 16 per stage, so stages overlap and the pipeline bubble stays
+    small (PP 2 on bench-100m: 0.84 of one rank with 4 per stage, 0.88-0.92 with 8-16, 0.85 with 32)."""
     chunk_docs: int = 2048
     """Documents read, scored and written per step; a resumed job restarts at a step boundary."""
     chunk_chars: int = 8_000_000

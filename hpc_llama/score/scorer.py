@@ -61,7 +61,7 @@ class Scorer:
         self.pp = parallel.pp
         self.dp = info.world_size // parallel.pp
         self.stage, self.replica = stage_and_replica(info.rank, info.world_size, parallel.pp)
-        self.micro_batches = cfg.micro_batches or (4 * parallel.pp if parallel.pp > 1 else 1)
+        self.micro_batches = cfg.micro_batches or (16 * parallel.pp if parallel.pp > 1 else 1)
         # What a text starts from, and a conditional request's empty context: lm-eval's prefix token,
         # the tokenizer's BOS, else (models without one, as Qwen) its EOS.
         self.prefix = prefix_and_bos(reader, tokenizer)[0]

@@ -35,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from common import ROOT, save_result  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import ROOT, llama_gguf_writer, save_result  # noqa: E402  (benchmarks/common.py, beside this script)
 
 GGUF_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
               "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up",
@@ -82,18 +82,9 @@ def write_f32_gguf(path, model) -> None:
     import gguf
 
     cfg = model.cfg
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_block_count(cfg.n_layers)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_feed_forward_length(cfg.ffn_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_vocab_size(cfg.vocab_size)
+    w = llama_gguf_writer(path, gguf.LlamaFileType.ALL_F32, n_layers=cfg.n_layers, context=cfg.max_seq_len, dim=cfg.dim,
+                          ffn_dim=cfg.ffn_dim, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                          vocab=cfg.vocab_size, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps)
     w.add_tokenizer_model("no_vocab")
 
     def permute(a, heads):  # llama.cpp rotates adjacent pairs; HF's layout rotates halves

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from common import ROOT, save_result  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import ROOT, llama_gguf_writer, save_result  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 @dataclass(frozen=True)
@@ -104,18 +104,9 @@ def write_gguf(path: str, s: Shape, seed: int = 0) -> None:
     """A GGUF of shape `s`, written one tensor at a time: only the tensor infos are known up front."""
     import gguf
 
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(s.n_layers)
-    w.add_context_length(s.context)
-    w.add_embedding_length(s.dim)
-    w.add_feed_forward_length(s.ffn_dim)
-    w.add_head_count(s.n_heads)
-    w.add_head_count_kv(s.n_heads)
-    w.add_rope_dimension_count(s.dim // s.n_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(s.vocab)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    w = llama_gguf_writer(path, gguf.LlamaFileType.MOSTLY_Q4_K_M, n_layers=s.n_layers, context=s.context, dim=s.dim,
+                          ffn_dim=s.ffn_dim, n_heads=s.n_heads, n_kv_heads=s.n_heads, head_dim=s.dim // s.n_heads,
+                          vocab=s.vocab)
     tokens = byte_level_tokens(s.vocab)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")

@@ -195,7 +195,7 @@ def test_a_loaded_slice_fuses_without_copying(name, hf_dirs):
 
 
 def test_fused_weight_is_one_tensor_when_the_rows_lie_side_by_side():
-    from hpc_llama.model.llama import Linear, fuse
+    from hpc_llama.model.projections import Linear, fuse
 
     block = torch.randn(12, 8)
     parts = [Linear(8, n, bias=False) for n in (4, 6, 2)]
@@ -270,7 +270,7 @@ def test_prepacked_weights_compute_the_same_model(name, hf_dirs):
 
 def test_packing_steps_aside_where_it_cannot_help(hf_dirs, monkeypatch):
     import hpc_llama.inference as inference
-    from hpc_llama.model.llama import pack_weight
+    from hpc_llama.model.projections import pack_weight
 
     reader = open_checkpoint(hf_dirs["llama2"])
     assert pack_weight(torch.zeros(4, 4, dtype=torch.bfloat16)) is None  # fp32 only

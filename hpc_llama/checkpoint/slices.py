@@ -12,7 +12,8 @@ import time
 import torch
 
 from ..errors import HpcLlamaError
-from ..model.llama import FUSED_GROUPS, Transformer
+from ..model.llama import Transformer
+from ..model.projections import FUSED_GROUPS
 from ..model.quantized import SCHEMES as QUANT_SCHEMES
 from ..procstats import bytes_read
 from .base import CheckpointReader

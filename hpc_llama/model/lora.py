@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .llama import Linear
+from .projections import Linear
 
 ATTENTION = ("wq", "wk", "wv", "wo")
 

@@ -1,8 +1,9 @@
-"""Table tests of the scoring arithmetic: rolling windows, calls, rounds. No model, no MPI."""
+"""Table tests of the scoring arithmetic: rolling windows, calls, rounds, the head's log-probabilities. No MPI."""
 
 import pytest
+import torch
 
-from hpc_llama.score.plan import plan_calls, replica_rounds, rolling_windows
+from hpc_llama.score.plan import plan_calls, replica_rounds, rolling_windows, target_logprobs
 
 
 def lm_eval_windows(n, max_seq_len, context_len):
@@ -104,3 +105,19 @@ def test_plan_calls_keeps_padding_small_for_mixed_lengths():
 ])
 def test_replica_rounds(n, dp, rounds):
     assert replica_rounds(n, dp) == rounds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_logprobs_are_log_softmax_gathered_and_argmax(dtype):
+    """What lm-eval computes -- log_softmax gathered at the target, greedy = argmax == target -- with ties:
+    the first of two equal maxima is the model's choice, the second is not."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 50, generator=g) * 4).to(dtype)
+    logits[:, 7] = logits[:, 3] = logits.float().max(dim=1).values.to(dtype) + 1  # a tie for first place
+    targets = torch.tensor([3, 7, 0, 49, int(logits[4].float().argmax()), 3])
+    full = torch.log_softmax(logits.float(), dim=1)
+    want_lp = full.gather(1, targets[:, None]).squeeze(1)
+    want_greedy = full.argmax(dim=1) == targets
+    lp, greedy = target_logprobs(logits.clone(), targets)
+    assert torch.allclose(lp, want_lp, atol=1e-5, rtol=0)
+    assert greedy.tolist() == want_greedy.tolist() == [True, False, False, False, True, True]

@@ -475,7 +475,8 @@ class FeedForward(nn.Module):
     def forward(self, x):
         if self.w13 is not None and self.w13.usable((self.w1, self.w3)):
             gate, up = self.w13(x).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
+            # No gradients on this path (fused groups are inference-only): in place, two passes fewer.
+            return self.w2(F.silu(gate, inplace=True).mul_(up))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 

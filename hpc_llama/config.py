@@ -61,8 +61,10 @@ class ScoreConfig:
     """New targets per window after a document's first; 0 means the context (disjoint windows, as lm-eval)."""
     add_bos: bool = True
     """Put the model's BOS token before each text document (input_ids are used as given)."""
-    tokens_per_batch: int = 8192
-    """Padded tokens per micro-batch: rows = tokens_per_batch // window length."""
+    tokens_per_batch: int = 0
+    """Padded tokens per micro-batch: rows = tokens_per_batch // window length. 0 means 1024 on a CPU, where
+    small micro-batches keep activations in cache and pad less (bench-100m 1,064 tokens/s at 1024 against 870-915
+    at 8192, SmolLM2 773 against 652-668), and 8192 on a GPU, where large ones fill the device."""
     max_batch: int = 64
     """Most rows in one micro-batch."""
     micro_batches: int = 0
@@ -80,10 +82,10 @@ class ScoreConfig:
     """Conditional requests of one step with the same context are scored from one copy of it."""
 
     def __post_init__(self):
-        for name in ("context", "stride", "micro_batches"):
+        for name in ("context", "stride", "micro_batches", "tokens_per_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        for name in ("tokens_per_batch", "max_batch", "chunk_docs", "chunk_chars", "max_document_bytes"):
+        for name in ("max_batch", "chunk_docs", "chunk_chars", "max_document_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.context and self.stride > self.context:

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hpc_llama.score.plan import plan_calls, replica_rounds, rolling_windows, target_logprobs
+from hpc_llama.config import ScoreConfig
+from hpc_llama.score.plan import default_tokens_per_batch, plan_calls, replica_rounds, rolling_windows, target_logprobs
 
 
 def lm_eval_windows(n, max_seq_len, context_len):
@@ -121,3 +122,10 @@ def test_target_logprobs_are_log_softmax_gathered_and_argmax(dtype):
     lp, greedy = target_logprobs(logits.clone(), targets)
     assert torch.allclose(lp, want_lp, atol=1e-5, rtol=0)
     assert greedy.tolist() == want_greedy.tolist() == [True, False, False, False, True, True]
+
+
+def test_tokens_per_batch_default_follows_the_device():
+    assert ScoreConfig().tokens_per_batch == 0  # left to the device
+    assert [default_tokens_per_batch(d) for d in ("cpu", "cuda:0", "cuda:3")] == [1024, 8192, 8192]
+    with pytest.raises(ValueError, match="tokens_per_batch must not be negative"):
+        ScoreConfig(tokens_per_batch=-1)

@@ -30,7 +30,7 @@ def add_arguments(p):
     p.add_argument("--id-field", help="JSONL field or Parquet column with the id (default id)")
     p.add_argument("--context", type=positive_int, help="most tokens per window (default: the model's context)")
     p.add_argument("--stride", type=positive_int, help="new tokens per window after the first (default: the context)")
-    p.add_argument("--tokens-per-batch", type=int, help="padded tokens per micro-batch (default 8192)")
+    p.add_argument("--tokens-per-batch", type=int, help="padded tokens per micro-batch (default 1024 on a CPU, 8192 on a GPU)")
     p.add_argument("--max-batch", type=int, help="most sequences per micro-batch (default 64)")
     p.add_argument("--token-logprobs", action="store_true", help="also write per-token log-probabilities")
     p.add_argument("--no-bos", action="store_true", help="do not put BOS before text documents")

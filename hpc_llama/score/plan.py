@@ -151,6 +151,12 @@ class Call:
         return self.batch * self.length * len(self.rows)
 
 
+def default_tokens_per_batch(device) -> int:
+    """Padded tokens per micro-batch when the config leaves it at 0: small on a CPU (activations stay in
+    cache, rows are padded less), large on a GPU (enough rows to fill it)."""
+    return 1024 if str(device) == "cpu" else 8192
+
+
 def plan_calls(lengths: list[int], tokens_per_batch: int, max_batch: int, micro_batches: int,
                min_fill: float = 0.85) -> list[Call]:
     """Bucket windows of the given lengths into calls, longest first, to keep padding small.

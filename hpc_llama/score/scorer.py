@@ -19,7 +19,16 @@ from ..parallel.collectives import gather_array
 from ..parallel.layout import stage_and_replica
 from ..procstats import peak_rss, seconds_since_start
 from ..tokenizer import prefix_and_bos, tokenize_requests
-from .plan import ContinuationTooLong, call_tensors, dummy_call, plan_calls, replica_rounds, request_rows, score_head
+from .plan import (
+    ContinuationTooLong,
+    call_tensors,
+    default_tokens_per_batch,
+    dummy_call,
+    plan_calls,
+    replica_rounds,
+    request_rows,
+    score_head,
+)
 
 
 @dataclass
@@ -62,6 +71,7 @@ class Scorer:
         self.dp = info.world_size // parallel.pp
         self.stage, self.replica = stage_and_replica(info.rank, info.world_size, parallel.pp)
         self.micro_batches = cfg.micro_batches or (16 * parallel.pp if parallel.pp > 1 else 1)
+        self.tokens_per_batch = cfg.tokens_per_batch or default_tokens_per_batch(info.device)
         # What a text starts from, and a conditional request's empty context: lm-eval's prefix token,
         # the tokenizer's BOS, else (models without one, as Qwen) its EOS.
         self.prefix = prefix_and_bos(reader, tokenizer)[0]
@@ -113,7 +123,7 @@ class Scorer:
             raise HpcLlamaError(f"{docs[e.doc].where}: {e}") from None
         row_pieces = [r.pieces() for r in rows]
         pieces = [p for ps in row_pieces for p in ps]
-        calls = plan_calls([r.length for r in rows], self.cfg.tokens_per_batch, self.cfg.max_batch, self.micro_batches)
+        calls = plan_calls([r.length for r in rows], self.tokens_per_batch, self.cfg.max_batch, self.micro_batches)
         first_piece = np.cumsum([0] + [len(ps) for ps in row_pieces])
         ids, ll, greedy, lps, lp_len = [], [], [], [], []
         positions = real = 0

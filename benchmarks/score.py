@@ -235,10 +235,11 @@ def prepare(name: str, n_docs: int, tmp: str):
     return cfg, model_path, hf_path, docs, docs_path
 
 
-def compare(name: str, args, tmp: str, peak: float) -> dict:
+def compare(name: str, n_docs: int, args, tmp: str, peak: float):
+    """(the model's row of results, its checkpoint, its documents' JSONL, our 1-rank tokens/s)."""
     from transformers import LlamaForCausalLM
 
-    cfg, model_path, hf_path, docs, docs_path = prepare(name, args.docs, tmp)
+    cfg, model_path, hf_path, docs, docs_path = prepare(name, n_docs, tmp)
     tokens = sum(len(d) - 1 for d in docs)
     references = {"typical": typical_scores, "careful": careful_scores} if args.references else {}
     ref_model = None
@@ -267,19 +268,18 @@ def compare(name: str, args, tmp: str, peak: float) -> dict:
     sides = {k: {"seconds": round(s, 2), "tokens_per_s": round(tokens / s, 1), "achieved_gflops": round(flops / s / 1e9, 1),
                  "fraction_of_peak": round(flops / s / peak, 3)} for k, s in best.items()}
     sides["ours"]["padding_waste"] = waste
+    if references:
+        sides["typical"]["batch"] = 8
+        sides["careful"]["token_budget"] = CAREFUL_BUDGET
     row = {"parameters": cfg.n_params, "vocabulary": cfg.vocab_size, "layers": cfg.n_layers, "documents": len(docs),
            "text": "random token ids" if name == "bench-100m" else "Python standard library sources",
            "tokens": tokens, "longest": max(len(d) for d in docs), **sides}
     if references:
-        sides["typical"]["batch"] = 8
-        sides["careful"]["token_budget"] = CAREFUL_BUDGET
         row |= {"ours_vs_typical": round(best["typical"] / best["ours"], 3),
                 "ours_vs_careful": round(best["careful"] / best["ours"], 3),
                 "max_abs_loglik_difference": {k: float(np.abs(ours - v).max()) for k, v in scores.items()}}
-    return row | {
-        "breakdown": breakdown(model_path, docs_path, out, args.threads, cfg.vocab_size),
-        "_paths": (model_path, docs_path, tokens / best["ours"]),
-    }
+    row["breakdown"] = breakdown(model_path, docs_path, out, args.threads, cfg.vocab_size)
+    return row, model_path, docs_path, tokens / best["ours"]
 
 
 def main():
@@ -299,9 +299,8 @@ def main():
     peak = matmul_peak(args.threads)
     result: dict = {"benchmark": "score", "threads": args.threads, "matmul_peak_gflops": round(peak / 1e9, 1)}
     for name in args.models.split(","):
-        n = args.docs if name == "bench-100m" else max(1, args.docs // 3)
-        row = compare(name, argparse.Namespace(**{**vars(args), "docs": n}), tmp, peak)
-        model_path, docs_path, one_rank = row.pop("_paths")
+        n_docs = args.docs if name == "bench-100m" else max(1, args.docs // 3)
+        row, model_path, docs_path, one_rank = compare(name, n_docs, args, tmp, peak)
         if name == "bench-100m" and not args.no_parallel and args.references:
             parallel = [run_mpi(2, 2, model_path, docs_path, os.path.join(tmp, "pp2.jsonl")),
                         run_mpi(2, 1, model_path, docs_path, os.path.join(tmp, "dp2.jsonl"))]

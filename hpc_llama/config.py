@@ -69,7 +69,8 @@ class ScoreConfig:
     """Most rows in one micro-batch."""
     micro_batches: int = 0
     """Micro-batches per pipeline call; 0 means 16 per stage, so stages overlap and the pipeline bubble stays
-    small (PP 2 on bench-100m: 0.84 of one rank with 4 per stage, 0.88-0.92 with 8-16, 0.85 with 32)."""
+    small. Only how micro-batches are grouped into calls: their shapes, and so every number, do not depend on
+    it or on the layout."""
     chunk_docs: int = 2048
     """Documents read, scored and written per step; a resumed job restarts at a step boundary."""
     chunk_chars: int = 8_000_000

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from hpc_llama.config import ScoreConfig
-from hpc_llama.score.plan import default_tokens_per_batch, plan_calls, replica_rounds, rolling_windows, target_logprobs
+from hpc_llama.score.plan import (
+    default_tokens_per_batch,
+    plan_calls,
+    plan_micro_batches,
+    replica_rounds,
+    rolling_windows,
+    target_logprobs,
+)
 
 
 def lm_eval_windows(n, max_seq_len, context_len):
@@ -71,22 +78,33 @@ def test_stride_outside_the_context_is_refused():
         rolling_windows(10, 4, 0)
 
 
-@pytest.mark.parametrize("lengths, tpb, max_batch, m, shapes", [
-    ([8, 8, 7, 3], 16, 8, 1, [(2, 8, 1), (1, 7, 1), (1, 3, 1)]),   # longest first; B = 16 // T
-    ([8, 8, 8, 8], 100, 2, 2, [(2, 8, 2)]),                          # max_batch caps B
-    ([8, 8, 8, 8], 100, 3, 1, [(3, 8, 1), (1, 8, 1)]),               # whole micro-batches; the rest a call
-    ([5, 3, 8, 1], 4, 8, 1, [(1, 8, 1), (1, 5, 1), (1, 3, 1), (1, 1, 1)]),  # never fewer than one row
-    ([4] * 7, 8, 8, 2, [(2, 4, 2), (2, 4, 1), (1, 4, 1)]),
-    ([10, 9, 4, 4, 3, 1], 20, 8, 4, [(1, 10, 2), (1, 4, 2), (1, 3, 1), (1, 1, 1)]),  # short runs spread over micro-batches
+@pytest.mark.parametrize("lengths, tpb, max_batch, micro", [
+    ([8, 8, 7, 3], 16, 8, [(8, (0, 1)), (7, (2,)), (3, (3,))]),             # longest first; B = 16 // T
+    ([8, 8, 8, 8], 100, 2, [(8, (0, 1)), (8, (2, 3))]),                      # max_batch caps B
+    ([8, 8, 8, 8], 100, 3, [(8, (0, 1, 2)), (8, (3,))]),                     # the rest a micro-batch of its own
+    ([5, 3, 8, 1], 4, 8, [(8, (2,)), (5, (0,)), (3, (1,)), (1, (3,))]),      # never fewer than one row
+    ([10, 9, 4, 4, 3, 1], 20, 8, [(10, (0, 1)), (4, (2, 3)), (3, (4,)), (1, (5,))]),  # cut below 85% of T
 ])
-def test_plan_calls_shapes(lengths, tpb, max_batch, m, shapes):
-    calls = plan_calls(lengths, tpb, max_batch, m)
-    assert [(c.batch, c.length, len(c.rows)) for c in calls] == shapes
-    placed = [w for c in calls for row in c.rows for w in row]
+def test_plan_micro_batches(lengths, tpb, max_batch, micro):
+    got = plan_micro_batches(lengths, tpb, max_batch)
+    assert [(m.length, m.rows) for m in got] == micro
+    placed = [w for m in got for w in m.rows]
     assert sorted(placed) == list(range(len(lengths)))   # every window exactly once, no padding rows
-    for c in calls:
-        assert all(len(row) == c.batch for row in c.rows)
-        assert all(lengths[w] <= c.length for row in c.rows for w in row)
+    assert all(lengths[w] <= m.length for m in got for w in m.rows)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 32])
+def test_calls_group_the_same_micro_batches_whatever_their_number(m):
+    """A call is `m` micro-batches in plan order (shapes may differ within it); the micro-batches themselves --
+    the shapes every row is computed in -- do not depend on `m`, so no layout changes a number."""
+    import random
+
+    rng = random.Random(1)
+    lengths = [max(1, int(rng.lognormvariate(4, 1))) for _ in range(300)]
+    calls = plan_calls(lengths, 1024, 64, m)
+    assert [len(c.micro) for c in calls[:-1]] == [m] * (len(calls) - 1) and 1 <= len(calls[-1].micro) <= m
+    assert [mb for c in calls for mb in c.micro] == plan_micro_batches(lengths, 1024, 64)
+    assert sum(c.positions for c in calls) == sum(mb.batch * mb.length for c in calls for mb in c.micro)
 
 
 def test_plan_calls_keeps_padding_small_for_mixed_lengths():

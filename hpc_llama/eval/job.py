@@ -19,11 +19,6 @@ import os
 
 from ..errors import HpcLlamaError
 
-# The plan of calls must not depend on the layout, so every layout computes the same rows in the same shapes
-# and gives the same bits: a fixed number of micro-batches per call instead of score's 4 per stage.
-LAYOUT_FREE = ["score.micro_batches=4"]
-
-
 def add_arguments(p):
     from ..batchjob import add_closing_arguments
     from ..cli import non_negative_int, positive_int
@@ -52,7 +47,7 @@ def run(args) -> int:
     from ..score.job import score_documents
     from ..score.scorer import Scorer
 
-    job = BatchJob(args, "score", {}, LAYOUT_FREE, fmt="jsonl")
+    job = BatchJob(args, "score", {}, fmt="jsonl")
     cfg, reader, info = job.cfg, job.reader, job.info
     if job.tokenizer is None:
         job.close()

@@ -30,7 +30,10 @@ class PipeStage(nn.Module):
     travels `(hidden, positions, *extra)`, the extras (targets, masks) passed
     along untouched. When `segmented`, the first extra is the rows' segments
     (packed continuations; see the model's attention rule). The last stage
-    returns `head_fn(model, hidden, inputs)`, by default the logits.
+    returns `head_fn(model, hidden, inputs)`, by default the logits; while
+    `collected` is a list (`eval_batches`) it appends that there instead and
+    returns a placeholder, because the engine adds every micro-batch's output
+    into one running total, which needs them all of one shape.
     """
 
     def __init__(self, model: Transformer, head_fn=None, segmented: bool = False):
@@ -38,13 +41,18 @@ class PipeStage(nn.Module):
         self.model = model
         self.head_fn = head_fn
         self.segmented = segmented
+        self.collected: list | None = None
 
     def forward(self, inputs):
         x, positions, *extra = inputs
         h = self.model.trunk(x, positions, segments=extra[0] if self.segmented else None)
         if self.model.output is None:
             return (h, positions, *extra)
-        return self.model.head(h) if self.head_fn is None else self.head_fn(self.model, h, inputs)
+        out = self.model.head(h) if self.head_fn is None else self.head_fn(self.model, h, inputs)
+        if self.collected is None:
+            return out
+        self.collected.append(out)
+        return torch.zeros(1, device=h.device)
 
 
 def build_pipeline(reader: CheckpointReader, info: RankInfo, parallel: ParallelConfig, micro_batch: int,
@@ -54,7 +62,8 @@ def build_pipeline(reader: CheckpointReader, info: RankInfo, parallel: ParallelC
 
     Returns (engine, plan, replica). Only this stage's layers are read from
     the checkpoint. Variable sequence lengths are allowed between calls
-    (dynamic_shape), within one call the micro-batches must share a shape.
+    (dynamic_shape: every hand-off sends its shapes first), so the micro-batches of one call may
+    differ in shape too.
     """
     import deepspeed
     from deepspeed.pipe import PipelineModule
@@ -85,14 +94,20 @@ def build_pipeline(reader: CheckpointReader, info: RankInfo, parallel: ParallelC
 
 
 def eval_batches(engine, batches: list[tuple[torch.Tensor, ...]]):
-    """Forward `batches` (micro-batches of one shape) through the pipeline.
+    """Forward `batches` (micro-batches, each of any shape) through the pipeline.
 
     Returns the last stage's outputs, one per micro-batch, on last-stage ranks
     and None elsewhere. Every rank of the job must make the same calls.
     """
+    stage = next(m for m in engine.module.modules() if isinstance(m, PipeStage))
     # The engine only resets its accumulated output in train_batch; left set,
     # it would sum outputs across calls.
     engine.total_loss = None
     it = iter([(b, torch.zeros(1)) for b in batches])
-    return engine.eval_batch(it, compute_loss=False, reduce_output=None, bcast_loss=False,
-                             num_micro_batches=len(batches))
+    stage.collected = []
+    try:
+        engine.eval_batch(it, compute_loss=False, reduce_output=None, bcast_loss=False,
+                          num_micro_batches=len(batches))
+        return stage.collected if engine.is_last_stage() else None
+    finally:
+        stage.collected = None

@@ -136,19 +136,27 @@ def rolling_windows(n: int, context: int, stride: int) -> list[tuple[int, int, i
 
 
 @dataclass(frozen=True)
-class Call:
-    """One pipeline call: `len(rows)` micro-batches of `batch` rows, each padded to `length`.
+class MicroBatch:
+    """`len(rows)` windows (ids, longest first) padded to `length`: one forward of shape (B, T)."""
 
-    rows[m][b] is a window id.
-    """
-
-    batch: int
     length: int
-    rows: tuple[tuple[int, ...], ...]
+    rows: tuple[int, ...]
+
+    @property
+    def batch(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One forward call: its micro-batches, each of its own shape (a pipeline takes them in turn)."""
+
+    micro: tuple[MicroBatch, ...]
 
     @property
     def positions(self) -> int:
-        return self.batch * self.length * len(self.rows)
+        """Token positions computed, padding included."""
+        return sum(m.batch * m.length for m in self.micro)
 
 
 def default_tokens_per_batch(device) -> int:
@@ -157,35 +165,39 @@ def default_tokens_per_batch(device) -> int:
     return 1024 if str(device) == "cpu" else 8192
 
 
-def plan_calls(lengths: list[int], tokens_per_batch: int, max_batch: int, micro_batches: int,
-               min_fill: float = 0.85) -> list[Call]:
-    """Bucket windows of the given lengths into calls, longest first, to keep padding small.
+def plan_micro_batches(lengths: list[int], tokens_per_batch: int, max_batch: int,
+                       min_fill: float = 0.85) -> list[MicroBatch]:
+    """Bucket windows of the given lengths into micro-batches, longest first, to keep padding small.
 
-    A call's micro-batches share one shape (B, T): T is the longest window in
-    the call and B = min(max_batch, tokens_per_batch // T), at least 1. A call
-    takes up to B x micro_batches windows in whole micro-batches, and stops
-    at the first window shorter than `min_fill` x T, so no row is padded by
-    more than 1 - min_fill; B shrinks so that a short run of windows still
-    fills `micro_batches` micro-batches. Rows are never padding.
+    A micro-batch's T is its longest window and it takes up to B = min(max_batch, tokens_per_batch // T)
+    windows (at least 1), stopping at the first window shorter than `min_fill` x T, so no row is padded by
+    more than 1 - min_fill. Rows are never padding. The result depends on the windows and these limits
+    alone, never on the layout: every layout computes the same rows in the same shapes.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    calls, at = [], 0
+    out, at = [], 0
     while at < len(order):
         T = lengths[order[at]]
-        most = max(1, min(max_batch, tokens_per_batch // max(T, 1)))
-        end = min(at + most * micro_batches, len(order))
+        end = min(at + max(1, min(max_batch, tokens_per_batch // max(T, 1))), len(order))
         for k in range(at + 1, end):
             if lengths[order[k]] < min_fill * T:
                 end = k
                 break
-        # Spread a short run over the call's micro-batches (a pipeline needs
-        # several in flight), in whole micro-batches; the rest starts the next call.
-        B = max(1, min(most, -(-(end - at) // micro_batches)))
-        take = order[at:at + B * ((end - at) // B)]
-        at += len(take)
-        rows = tuple(tuple(take[m:m + B]) for m in range(0, len(take), B))
-        calls.append(Call(B, T, rows))
-    return calls
+        out.append(MicroBatch(T, tuple(order[at:end])))
+        at = end
+    return out
+
+
+def plan_calls(lengths: list[int], tokens_per_batch: int, max_batch: int, micro_batches: int,
+               min_fill: float = 0.85) -> list[Call]:
+    """The micro-batches of `plan_micro_batches`, in that order, `micro_batches` to a call (the last call
+    takes the rest).
+
+    A pipeline keeps its stages busy on a long call: micro-batches of any shapes follow each other through
+    it, so a call needs no run of similar windows and its bubble is 1 / (micro_batches + stages - 1).
+    """
+    micro = plan_micro_batches(lengths, tokens_per_batch, max_batch, min_fill)
+    return [Call(tuple(micro[i:i + micro_batches])) for i in range(0, len(micro), micro_batches)]
 
 
 def replica_rounds(n_calls: int, dp: int) -> list[list[int | None]]:
@@ -198,18 +210,18 @@ def replica_rounds(n_calls: int, dp: int) -> list[list[int | None]]:
 
 
 def call_tensors(call: Call, rows: list, seqs: list, device="cpu"):
-    """The micro-batches of a call: (tokens, positions, segments, targets, weights), each (B, T).
+    """The micro-batches of a call: (tokens, positions, segments, targets, weights), each (B, T) of its own.
 
     Padding sits at the end of a row, at positions past every real one, so
     the attention rule keeps real tokens from seeing it.
     """
     out = []
-    for row_ids in call.rows:
-        shape = (call.batch, call.length)
+    for mb in call.micro:
+        shape = (mb.batch, mb.length)
         tokens, targets, segments = (torch.zeros(shape, dtype=torch.long) for _ in range(3))
         weights = torch.zeros(shape, dtype=torch.bool)
-        positions = torch.arange(call.length).expand(shape).contiguous()
-        for b, rid in enumerate(row_ids):
+        positions = torch.arange(mb.length).expand(shape).contiguous()
+        for b, rid in enumerate(mb.rows):
             rows[rid].fill(seqs, tokens[b], positions[b], segments[b], targets[b], weights[b])
         out.append(tuple(t.to(device) for t in (tokens, positions, segments, targets, weights)))
     return out

@@ -137,10 +137,10 @@ class Scorer:
             if not self.last:
                 continue
             positions += call.positions
-            real += sum(rows[r].length for row in call.rows for r in row)
-            for row_ids, (token_lp, is_max) in zip(call.rows, outs, strict=True):
+            real += sum(rows[r].length for mb in call.micro for r in mb.rows)
+            for mb, (token_lp, is_max) in zip(call.micro, outs, strict=True):
                 token_lp, is_max = token_lp.float().cpu().numpy(), is_max.cpu().numpy()
-                for b, rid in enumerate(row_ids):
+                for b, rid in enumerate(mb.rows):
                     for pid, (_, lo, hi) in enumerate(row_pieces[rid], int(first_piece[rid])):
                         ids.append(pid)
                         ll.append(token_lp[b, lo:hi].sum(dtype=np.float64))

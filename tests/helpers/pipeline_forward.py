@@ -23,9 +23,11 @@ def check_forward(reader, info, pp: int, lengths=(7, 19, 3), micro_batches: int 
     g = torch.Generator().manual_seed(100 + replica)  # each replica takes its own data
     full = load_slice(reader) if plan.head else None
     worst = None
-    for T in lengths:  # lengths change between calls (dynamic shapes)
-        batches = [(torch.randint(0, vocab, (2, T), generator=g), torch.arange(T).expand(2, T).contiguous())
-                   for _ in range(micro_batches)]
+    # Lengths change between calls (dynamic shapes); the last call's micro-batches each have a shape of their own.
+    calls = [[(2, T)] * micro_batches for T in lengths] + [[(2, lengths[0]), (1, lengths[1]), (3, lengths[2])]]
+    for shapes in calls:
+        batches = [(torch.randint(0, vocab, (B, T), generator=g), torch.arange(T).expand(B, T).contiguous())
+                   for B, T in shapes]
         out = eval_batches(engine, batches)
         if plan.head:
             with torch.no_grad():

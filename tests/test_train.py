@@ -10,6 +10,9 @@ import time
 import h5py
 import numpy as np
 import pytest
+import torch
+
+from hpc_llama.train.trainer import default_zero
 
 from helpers.files import metrics
 from helpers.models import TINY
@@ -76,11 +79,16 @@ def _layout_args(data):
 
 
 @pytest.fixture(scope="module")
-def one_rank_losses(corpus, tmp_path_factory):
-    """The first losses of one rank, PP 1, ZeRO-1: what every other layout must reproduce."""
+def one_rank_run(corpus, tmp_path_factory):
+    """One rank, PP 1, ZeRO-1 (DeepSpeed's optimiser, clipping and gradient norm): what every layout reproduces."""
     run = tmp_path_factory.mktemp("layout-ref") / "ref"
     run_job(1, "train", *_layout_args(corpus[1]), "--out", run, "--pp", "1", "--zero", "1")
-    return [r["loss"] for r in metrics(run)]
+    return metrics(run)
+
+
+@pytest.fixture(scope="module")
+def one_rank_losses(one_rank_run):
+    return [r["loss"] for r in one_rank_run]
 
 
 def check_first_losses(run, ref, layout):
@@ -95,11 +103,35 @@ def check_first_losses(run, ref, layout):
 
 # The two pipeline layouts (PP 2 and PP 2 x DP 2, ZeRO-1) are checked on the longer runs below, which
 # train on them anyway: one start of the 4-rank run instead of two.
-@pytest.mark.parametrize("n, pp, zero", [(2, 1, 2), (2, 1, 3), (1, 1, 0)])
+@pytest.mark.parametrize("n, pp, zero", [(2, 1, 2), (2, 1, 3), (1, 1, None)])
 def test_first_losses_agree_across_layouts(corpus, one_rank_losses, tmp_path, n, pp, zero):
     _, data = corpus
-    run_job(n, "train", *_layout_args(data), "--out", tmp_path / "run", "--pp", pp, "--zero", zero)
-    check_first_losses(tmp_path / "run", one_rank_losses, f"PP {pp} x DP {n // pp}, ZeRO-{zero}")
+    run_job(n, "train", *_layout_args(data), "--out", tmp_path / "run", "--pp", pp,
+            *(["--zero", zero] if zero is not None else []))
+    check_first_losses(tmp_path / "run", one_rank_losses, f"PP {pp} x DP {n // pp}, ZeRO-{'default' if zero is None else zero}")
+
+
+def test_one_fp32_process_trains_without_zero_and_reports_the_same_gradient_norms(corpus, one_rank_run, tmp_path):
+    """Unset, the ZeRO stage of one process in fp32 is 0: we clip with torch's clip_grad_norm_ and report its
+    norm, which must be DeepSpeed's ZeRO-1 norm and clipping (the losses after clipped steps agree too)."""
+    _, data = corpus
+    run = tmp_path / "run"
+    run_job(1, "train", *_layout_args(data), "--out", run, "--set", "train.grad_clip=0.5")
+    ref = tmp_path / "ref"
+    run_job(1, "train", *_layout_args(data), "--out", ref, "--set", "train.grad_clip=0.5", "--zero", "1")
+    assert json.load(open(run / "config.json"))["zero"] == 0
+    got, want = metrics(run), metrics(ref)
+    print("gradient norms:", [r["grad_norm"] for r in got], "vs ZeRO-1", [r["grad_norm"] for r in want])
+    assert all(r["grad_norm"] > 0.5 for r in want[:2])  # the limit really clips
+    assert np.allclose([r["grad_norm"] for r in got], [r["grad_norm"] for r in want], rtol=1e-5, atol=0)
+    assert np.allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("pp, dp, dtype, zero", [
+    (1, 1, torch.float32, 0), (1, 2, torch.float32, 1), (2, 1, torch.float32, 1), (1, 1, torch.bfloat16, 1),
+])
+def test_default_zero_stage(pp, dp, dtype, zero):
+    assert default_zero(pp, dp, dtype) == zero
 
 
 # --- learning, export, resume ----------------------------------------------------------------

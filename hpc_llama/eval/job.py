@@ -19,6 +19,7 @@ import os
 
 from ..errors import HpcLlamaError
 
+
 def add_arguments(p):
     from ..batchjob import add_closing_arguments
     from ..cli import non_negative_int, positive_int

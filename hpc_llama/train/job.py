@@ -229,6 +229,7 @@ def _model_source(args, model_cfg, tcfg, manifest):
 def _layout(info, parallel, tcfg, cfg, resolve_dtype):
     from ..errors import HpcLlamaError
     from ..parallel.layout import require_layout
+    from .trainer import default_zero
 
     require_layout(info.world_size, parallel.pp, cfg.n_layers)
     dp = info.world_size // parallel.pp
@@ -236,7 +237,7 @@ def _layout(info, parallel, tcfg, cfg, resolve_dtype):
         raise HpcLlamaError(f"global batch {tcfg.global_batch} is not divisible by micro-batch {tcfg.micro_batch} "
                             f"x {dp} data-parallel replicas")
     dtype = resolve_dtype(parallel.dtype, info.device)
-    zero = tcfg.zero
+    zero = default_zero(parallel.pp, dp, dtype) if tcfg.zero is None else tcfg.zero
     if parallel.pp > 1 and zero > 1:
         raise HpcLlamaError(f"ZeRO-{zero} cannot be combined with a pipeline (pp {parallel.pp}): "
                             f"DeepSpeed's pipeline engine supports ZeRO 0 and 1")

@@ -27,8 +27,10 @@ The breakdown profiles one more run of ours (torch.profiler, each op's own
 time): projections, attention, the head's matmul, the head's softmax and
 gather, norms, elementwise work (rotary, SwiGLU, residual adds), data
 movement, and what no op accounts for (Python, the job around the model).
-Then, for bench-100m, 2 ranks (PP 2, and DP 2) run the same job under mpirun;
-their tokens/s against 1 rank gives the parallel efficiency.
+Then, for bench-100m, the same job under mpirun on 1 rank, as PP 2 and as DP 2
+(2 ranks), in turns: their tokens/s against the 1-rank job's is the parallel
+efficiency at equal cores (issue #18: PP 2 >= 0.95).
+
 Goals (issues #4, #19): ours/typical >= 1.5, ours/careful >= 1.5, achieved/peak >= 0.6.
 """
 
@@ -302,13 +304,19 @@ def main():
         n_docs = args.docs if name == "bench-100m" else max(1, args.docs // 3)
         row, model_path, docs_path, one_rank = compare(name, n_docs, args, tmp, peak)
         if name == "bench-100m" and not args.no_parallel and args.references:
-            parallel = [run_mpi(2, 2, model_path, docs_path, os.path.join(tmp, "pp2.jsonl")),
-                        run_mpi(2, 1, model_path, docs_path, os.path.join(tmp, "dp2.jsonl"))]
-            for p in parallel:
-                p["speedup_vs_1_rank"] = round(p["tokens_per_s"] / one_rank, 3)
+            # Jobs against a job (start-up and all), in turns, best of the repeats.
+            runs = {(1, 1): [], (2, 2): [], (2, 1): []}
+            for _ in range(args.repeats):
+                for n, pp in runs:
+                    runs[n, pp].append(run_mpi(n, pp, model_path, docs_path, os.path.join(tmp, f"job{n}{pp}.jsonl")))
+            parallel = [max(r, key=lambda x: x["tokens_per_s"]) for r in runs.values()]
+            for p, r in zip(parallel, runs.values(), strict=True):
+                p["tokens_per_s_runs"] = [x["tokens_per_s"] for x in r]
+                p["vs_1_rank_job"] = round(p["tokens_per_s"] / parallel[0]["tokens_per_s"], 3)
+                p["vs_1_rank_in_process"] = round(p["tokens_per_s"] / one_rank, 3)
             row["parallel"] = parallel
             row["parallel_note"] = ("1 rank runs 2 torch threads; each of 2 ranks runs 1: the same 2 cores, so "
-                                    "speedup_vs_1_rank is the throughput ratio at equal cores")
+                                    "vs_1_rank_job is the throughput ratio at equal cores")
         result[name] = row
     result["goals"] = {"ours_vs_typical": 1.5, "ours_vs_careful": 1.5, "fraction_of_peak": 0.6}
     save_result(result, args.out)

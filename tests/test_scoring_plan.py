@@ -6,10 +6,12 @@ import torch
 from hpc_llama.config import ScoreConfig
 from hpc_llama.score.plan import (
     default_tokens_per_batch,
+    head_chunk_elements,
     plan_calls,
     plan_micro_batches,
     replica_rounds,
     rolling_windows,
+    score_head,
     target_logprobs,
 )
 
@@ -147,3 +149,31 @@ def test_tokens_per_batch_default_follows_the_device():
     assert [default_tokens_per_batch(d) for d in ("cpu", "cuda:0", "cuda:3")] == [1024, 8192, 8192]
     with pytest.raises(ValueError, match="tokens_per_batch must not be negative"):
         ScoreConfig(tokens_per_batch=-1)
+
+
+def test_score_head_gives_the_same_results_in_any_pieces():
+    """The head runs on scored positions only, in pieces of `chunk_elements` logits: one row at a time, a few,
+    or all at once give the same log-probabilities and greedy flags; unscored positions stay 0 / False."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    V, D, B, T = 50, 16, 3, 7
+    head = torch.nn.Linear(D, V, bias=False)
+    head.weight.data = torch.randn(V, D, generator=g)
+    model = SimpleNamespace(cfg=SimpleNamespace(vocab_size=V), head=head)
+    h = torch.randn(B, T, D, generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    weights = torch.rand(B, T, generator=g) < 0.6
+    inputs = (None, None, None, targets, weights)
+    with torch.inference_mode():
+        whole = score_head(model, h, inputs, chunk_elements=B * T * V)
+        want = torch.log_softmax(head(h), dim=-1).gather(2, targets[..., None]).squeeze(2)
+        for chunk in (1, V, 3 * V + 7, None):  # below one row still makes progress; None: the device's default
+            lp, greedy = score_head(model, h, inputs, chunk_elements=chunk)
+            assert torch.allclose(lp, whole[0], atol=1e-6, rtol=0) and torch.equal(greedy, whole[1])
+    assert torch.allclose(whole[0][weights], want[weights], atol=1e-5, rtol=0)
+    assert (whole[0][~weights] == 0).all() and not whole[1][~weights].any()
+
+
+def test_head_pieces_follow_the_device():
+    assert [head_chunk_elements(d) for d in ("cpu", "cuda:0")] == [1 << 22, 1 << 25]

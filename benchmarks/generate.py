@@ -25,8 +25,10 @@ Goals (issue #18): batch 1 >= 1.0x llama.cpp, batch 8 >= 2.5x the reference.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -268,6 +270,7 @@ def main():
     from hpc_llama.parallel.ranks import RankInfo
 
     tmp = tempfile.mkdtemp(prefix="hpc-llama-gen-bench-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # models and documents: hundreds of MB
     info = RankInfo()
     result = {"benchmark": "generate", "new_tokens_each": args.new_tokens, "threads": torch.get_num_threads()}
     for name in args.models.split(","):

@@ -37,10 +37,12 @@ Goals (issues #4, #19): ours/typical >= 1.5, ours/careful >= 1.5, achieved/peak 
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -298,6 +300,7 @@ def main():
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="hpc-llama-score-bench-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # models and documents: hundreds of MB
     peak = matmul_peak(args.threads)
     result: dict = {"benchmark": "score", "threads": args.threads, "matmul_peak_gflops": round(peak / 1e9, 1)}
     for name in args.models.split(","):

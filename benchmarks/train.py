@@ -20,8 +20,10 @@ Goals: ours / reference >= 0.9 (issue #5), >= 0.95 (issue #18). Each job row say
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -106,6 +108,7 @@ def main():
     sections = load_sections("bench-100m", SETS)
     cfg, parallel, tcfg = sections["model"], sections["parallel"], sections["train"]
     tmp = tempfile.mkdtemp(prefix="hpc-llama-train-bench-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # models and documents: hundreds of MB
     data = make_data(tmp, cfg.vocab_size, tokens=16 * 257 * (args.steps + 2) + 8192)
     manifest = load_manifest(data)
     train = SplitData(data, manifest, "train")
